@@ -1,0 +1,56 @@
+"""Start-up hook: make ``stage: tlm`` known to an unmodified LLaMA-Factory.
+
+The wheel installs ``llamafactory_tlm.pth`` into site-packages; Python executes its import line at every
+interpreter start (torchrun workers included). This module must stay cheap and import nothing heavy: it only
+registers a ``sys.meta_path`` finder that waits for ``llamafactory.train.tuner`` to be imported, lets the real
+loader run, then hands the module to :func:`tlm_plugin.patch.apply`.
+
+Set ``LLAMAFACTORY_TLM_DISABLE=1`` to turn the automatic hook off (``tlm_plugin.install()`` still works).
+"""
+
+import importlib.abc
+import os
+import sys
+
+
+TARGET = "llamafactory.train.tuner"
+DISABLE_ENV = "LLAMAFACTORY_TLM_DISABLE"
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        from tlm_plugin.patch import apply
+
+        apply(module)
+
+
+class _TunerFinder(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of the one module it watches."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+def register() -> None:
+    if not any(isinstance(f, _TunerFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TunerFinder())
+
+
+if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):
+    register()

@@ -1,0 +1,1 @@
+"""``stage: tlm``: the workflow, trainer and loss (mirrors LLaMA-Factory's ``train/<stage>/`` folders)."""

@@ -1,0 +1,39 @@
+"""Batches of unlabeled prompts for scoring and training (right padding, one loss mask per prompt)."""
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class TLMDataCollator:
+    """Pads prompt features; hands features that carry ``labels`` (generation batches) to LLaMA-Factory's collator.
+
+    Prompt features: ``input_ids``, ``attention_mask``, ``index`` and, for training batches, ``tlm_weight``.
+    Padding is always on the right here, whatever the tokenizer's side (generation batches use the tokenizer's,
+    which LLaMA-Factory sets to left), so positions need no adjustment in the forward pass.
+    """
+
+    pad_token_id: int
+    generation_collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "labels" in features[0]:
+            return self.generation_collator(features)
+
+        width = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "index": torch.as_tensor([f["index"] for f in features], dtype=torch.long),
+        }
+        if "tlm_weight" in features[0]:
+            batch["tlm_weight"] = torch.as_tensor([f["tlm_weight"] for f in features], dtype=torch.float32)
+        return batch

@@ -1,0 +1,192 @@
+"""The TLM trainer: LLaMA-Factory's seq2seq trainer with the TLM loss, scoring passes and online streaming.
+
+Wiring only; the math lives in :mod:`tlm_plugin.train.loss` and the selection in :mod:`tlm_plugin.selectors`.
+"""
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+from transformers import Trainer
+from transformers.trainer_utils import PredictionOutput
+
+from tlm_plugin.train.loss import log_perplexity, tlm_loss
+
+
+if TYPE_CHECKING:
+    from tlm_plugin.hparams import TLMArguments
+    from tlm_plugin.selectors import Selector
+
+
+class TLMTrainer(CustomSeq2SeqTrainer):
+    """Trains a LoRA adapter on unlabeled prompts with loss sum_i S(x_i) log P(x_i) / #selected.
+
+    Offline, ``tlm_weight`` arrives with each training row (scored by the model before any update). Online,
+    the weight comes from the current model's forward pass of the same step, via ``selector``.
+    A step whose batch (across all ranks) has no selected prompt or a non-finite loss runs no backward pass;
+    its gradients stay ``None``, so the optimizer leaves the weights and moments untouched.
+    """
+
+    def __init__(self, tlm_args: "TLMArguments", selector: "Selector", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.generation_kwargs = dict(kwargs.get("gen_kwargs") or {})
+        self.model_accepts_loss_kwargs = False  # our loss is already a per-batch mean; scale by GA steps
+        self.tlm_args = tlm_args
+        self.selector = selector
+        self._scoring = False
+        self.records: dict[int, dict[str, Any]] = {}  # online: per-row score at training time
+        self.nonfinite_rows: list[int] = []
+        self.backward_rows = 0  # selected rows that went through a backward pass (the paper's "#Backwards")
+        self.skipped_steps = 0
+        self.before_step: Optional[Callable[[int], None]] = None  # online: called with the batch's top global row
+        self._stream_high = -1
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        log_ppl, n_predicted = log_perplexity(outputs.logits, inputs["input_ids"], inputs["attention_mask"])
+        if "tlm_weight" in inputs:  # offline: fixed scores from the model before adaptation
+            weights = inputs["tlm_weight"].to(log_ppl.device)
+        else:  # online: S(x) from the current model, this very forward pass
+            weights = self.selector.weights(log_ppl.detach().cpu()).to(log_ppl.device)
+            weights = torch.where(inputs["index"].to(log_ppl.device) > self._stream_high, weights, 0.0)
+            self._record_online(inputs, log_ppl, weights)
+        self._last_weights = weights
+        loss = tlm_loss(log_ppl, weights)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_online(self, inputs, log_ppl: torch.Tensor, weights: torch.Tensor) -> None:
+        for idx, n_tokens, lp, w in zip(
+            inputs["index"].tolist(), inputs["attention_mask"].sum(-1).tolist(), log_ppl.tolist(), weights.tolist()
+        ):
+            if idx > self._stream_high:  # rows repeated to even out the last batch across ranks are not new
+                self.records[idx] = {"n_tokens": n_tokens, "log_ppl": lp, "selected": w > 0, "weight": w}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.before_step is not None:
+            self.before_step(self._global_max(int(inputs["index"].max())))
+
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        indices = inputs["index"]
+        del inputs
+
+        local_selected = int((self._last_weights > 0).sum())
+        finite = bool(torch.isfinite(loss))
+        any_selected, all_finite = self._agree(local_selected > 0, finite)
+        if self.tlm_args.tlm_mode == "online":
+            self._stream_high = max(self._stream_high, self._global_max(int(indices.max())))
+        if not all_finite:
+            self.nonfinite_rows += [int(i) for i in indices.tolist()]
+        deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
+        if (not any_selected or not all_finite) and not deepspeed:
+            self.skipped_steps += 1
+            return torch.zeros((), device=loss.device)
+        if not all_finite:  # DeepSpeed's engine needs a backward before each step: make it a no-op one
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+
+        loss = loss / self.current_gradient_accumulation_steps
+        kwargs = {"scale_wrt_gas": False} if deepspeed else {}
+        self.accelerator.backward(loss, **kwargs)
+        self.backward_rows += local_selected if all_finite else 0
+        return loss.detach()
+
+    def _agree(self, any_selected: bool, finite: bool) -> tuple[bool, bool]:
+        """Make the skip decision identical on every rank (a skipped backward on one rank would hang DDP)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return any_selected, finite
+        flags = torch.tensor([int(any_selected), int(not finite)], device=self.args.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), not bool(flags[1])
+
+    def _global_max(self, value: int) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        t = torch.tensor([value], device=self.args.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self.tlm_args.tlm_mode == "online":  # the stream is consumed in order
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, dataset, batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
+        """One batched no-grad pass of the current model over ``dataset`` (rows sharded across ranks).
+
+        Returns arrays ordered by the dataset's ``index`` column and complete on every rank:
+        ``index``, ``n_tokens`` (prompt tokens) and ``log_ppl``.
+        """
+        saved = (self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only)
+        self._scoring = True
+        self.compute_metrics = None
+        self.args.prediction_loss_only = False
+        if batch_size is not None:
+            self.args.per_device_eval_batch_size = batch_size
+        try:
+            output = Trainer.predict(self, dataset, metric_key_prefix="tlm_score")  # not Seq2Seq: keeps _gen_kwargs
+        finally:
+            self._scoring = False
+            self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only = saved
+        table = np.asarray(output.predictions, dtype=np.float64).reshape(-1, 3)
+        order = np.argsort(table[:, 0], kind="stable")
+        table = table[order]
+        return {"index": table[:, 0].astype(np.int64), "n_tokens": table[:, 1].astype(np.int64), "log_ppl": table[:, 2]}
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if not self._scoring:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).logits
+            log_ppl, _ = log_perplexity(logits, inputs["input_ids"], inputs["attention_mask"])
+        n_tokens = inputs["attention_mask"].sum(-1)
+        table = torch.stack([inputs["index"].double(), n_tokens.double(), log_ppl.double()], dim=-1)
+        return None, table, None
+
+    # ------------------------------------------------------------------ online bookkeeping
+    def gathered_online_state(self) -> tuple[dict[int, dict[str, Any]], list[int], int, int]:
+        """Per-row online records, non-finite rows, backward rows and skipped steps, merged over ranks."""
+        local = (self.records, self.nonfinite_rows, self.backward_rows, self.skipped_steps)
+        if not (dist.is_available() and dist.is_initialized()):
+            return local
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        records, nonfinite, backward_rows = {}, [], 0
+        for rec, nf, br, _ in parts:
+            records.update(rec)
+            nonfinite += nf
+            backward_rows += br
+        return records, sorted(set(nonfinite)), backward_rows, max(p[3] for p in parts)
+
+
+def concat_predictions(outputs: list[PredictionOutput], pad_token_id: int, label_pad_id: int) -> PredictionOutput:
+    """Join generation outputs of consecutive chunks (token arrays of different widths) into one."""
+
+    def join(arrays: list[np.ndarray], pad: int) -> np.ndarray:
+        width = max(a.shape[1] for a in arrays)
+        padded = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=pad) for a in arrays]
+        return np.concatenate(padded, axis=0)
+
+    predictions = join([o.predictions for o in outputs], pad_token_id)
+    label_ids = join([o.label_ids for o in outputs], label_pad_id)
+    metrics: dict[str, float] = {}
+    total = sum(len(o.predictions) for o in outputs)
+    for key in outputs[0].metrics or {}:
+        values = [(o.metrics or {}).get(key) for o in outputs]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            if key.endswith(("_runtime", "_samples")):
+                metrics[key] = float(sum(values))
+            else:
+                metrics[key] = float(sum(v * len(o.predictions) for v, o in zip(values, outputs)) / total)
+    return PredictionOutput(predictions=predictions, label_ids=label_ids, metrics=metrics)
