@@ -3,7 +3,7 @@
 import difflib
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 
 TLM_PREFIX = "tlm_"
@@ -55,7 +55,7 @@ class TLMArguments:
             "after every chunk."
         },
     )
-    tlm_score_batch_size: Optional[int] = field(
+    tlm_score_batch_size: int | None = field(
         default=None,
         metadata={
             "help": "Batch size of the no-grad scoring passes (before and after adaptation). "

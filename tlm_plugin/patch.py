@@ -12,7 +12,7 @@ import functools
 import logging
 import warnings
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 from tlm_plugin.hparams import TLM_PREFIX, TLMArguments, TLMConfigError, parse_tlm_args
 
@@ -34,7 +34,7 @@ _INCOMPATIBLE = {
     "use_ray": "Ray launching is not supported by stage tlm yet; use torchrun (FORCE_TORCHRUN=1)",
 }
 
-_active: contextvars.ContextVar[Optional[TLMArguments]] = contextvars.ContextVar("tlm_args", default=None)
+_active: contextvars.ContextVar[TLMArguments | None] = contextvars.ContextVar("tlm_args", default=None)
 
 
 class TLMPatchError(RuntimeError):
@@ -47,19 +47,21 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def _split_dict(args: dict[str, Any]) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
+def _split_dict(args: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     tlm_values = {k: v for k, v in args.items() if k.startswith(TLM_PREFIX)}
     if args.get("stage") != STAGE:
         if tlm_values:
-            raise TLMConfigError(f"{', '.join(tlm_values)} only apply to stage: tlm (the recipe says stage: "
-                                 f"{args.get('stage', 'sft')}).")
+            raise TLMConfigError(
+                f"{', '.join(tlm_values)} only apply to stage: tlm (the recipe says stage: "
+                f"{args.get('stage', 'sft')})."
+            )
         return None, args
     rest = {k: v for k, v in args.items() if not k.startswith(TLM_PREFIX)}
     rest["stage"] = "sft"
     return tlm_values, rest
 
 
-def _split_list(argv: list[str]) -> tuple[Optional[dict[str, Any]], list[str]]:
+def _split_list(argv: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
     """Command-line flags: ``--stage tlm``, ``--tlm_x v`` and ``--tlm_x=v``."""
     rest, tlm_values, stage, i = [], {}, None, 0
     while i < len(argv):
@@ -85,7 +87,7 @@ def _split_list(argv: list[str]) -> tuple[Optional[dict[str, Any]], list[str]]:
     return tlm_values, rest
 
 
-def split_args(args: Any) -> tuple[Optional[TLMArguments], Any]:
+def split_args(args: Any) -> tuple[TLMArguments | None, Any]:
     """Separate a recipe into (TLM arguments or None, what LLaMA-Factory parses as an sft recipe)."""
     if isinstance(args, dict):
         tlm_values, rest = _split_dict(args)
@@ -137,7 +139,7 @@ def _with_prediction_defaults(rest: Any) -> Any:
     return rest
 
 
-def current_tlm_args() -> Optional[TLMArguments]:
+def current_tlm_args() -> TLMArguments | None:
     return _active.get()
 
 

@@ -1,7 +1,8 @@
 """The selector interface: which test prompts a TLM update learns from, and with which weight."""
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 

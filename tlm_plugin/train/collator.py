@@ -1,7 +1,8 @@
 """Batches of unlabeled prompts for scoring and training (right padding, one loss mask per prompt)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -4,7 +4,8 @@ Wiring only; the math lives in :mod:`tlm_plugin.train.loss` and the selection in
 """
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         self.nonfinite_rows: list[int] = []
         self.backward_rows = 0  # selected rows that went through a backward pass (the paper's "#Backwards")
         self.skipped_steps = 0
-        self.before_step: Optional[Callable[[int], None]] = None  # online: called with the batch's top global row
+        self.before_step: Callable[[int], None] | None = None  # online: called with the batch's top global row
         self._stream_high = -1
 
     # ------------------------------------------------------------------ training
@@ -119,7 +120,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         return super()._get_train_sampler(*args, **kwargs)
 
     # ------------------------------------------------------------------ scoring
-    def score(self, dataset, batch_size: Optional[int] = None) -> dict[str, np.ndarray]:
+    def score(self, dataset, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """One batched no-grad pass of the current model over ``dataset`` (rows sharded across ranks).
 
         Returns arrays ordered by the dataset's ``index`` column and complete on every rank:
@@ -139,7 +140,11 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         table = np.asarray(output.predictions, dtype=np.float64).reshape(-1, 3)
         order = np.argsort(table[:, 0], kind="stable")
         table = table[order]
-        return {"index": table[:, 0].astype(np.int64), "n_tokens": table[:, 1].astype(np.int64), "log_ppl": table[:, 2]}
+        return {
+            "index": table[:, 0].astype(np.int64),
+            "n_tokens": table[:, 1].astype(np.int64),
+            "log_ppl": table[:, 2],
+        }
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if not self._scoring:

@@ -4,10 +4,8 @@ Reads top to bottom like LLaMA-Factory's sft workflow: tokenizer, template, data
 the offline or online loop, the records and the predictions.
 """
 
-import json
-import os
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,7 +41,7 @@ def run_tlm(
     finetuning_args: "FinetuningArguments",
     generating_args: "GeneratingArguments",
     tlm_args: "TLMArguments",
-    callbacks: Optional[list["TrainerCallback"]] = None,
+    callbacks: list["TrainerCallback"] | None = None,
 ) -> None:
     _check_training_args(training_args, data_args, tlm_args)
     timings: dict[str, float] = {}
@@ -53,6 +51,7 @@ def run_tlm(
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="tlm", **tokenizer_module)
     prompts = prompt_dataset(dataset_module["train_dataset"])
+    _check_prompts(prompts, template, tokenizer)
     eval_dataset = dataset_module.get("eval_dataset")
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     tokenizer.padding_side = "left"  # generation batches; scoring/training batches are right-padded by the collator
@@ -82,7 +81,9 @@ def run_tlm(
     score_bs = tlm_args.tlm_score_batch_size or training_args.per_device_eval_batch_size
 
     if tlm_args.tlm_mode == "offline":
-        rows, stats, prediction = _run_offline(trainer, prompts, eval_dataset, tlm_args, training_args, score_bs, timings)
+        rows, stats, prediction = _run_offline(
+            trainer, prompts, eval_dataset, tlm_args, training_args, score_bs, timings
+        )
     else:
         rows, stats, prediction = _run_online(trainer, prompts, eval_dataset, tlm_args, training_args, timings)
 
@@ -120,7 +121,9 @@ def _run_offline(trainer, prompts, eval_dataset, tlm_args, training_args, score_
     if training_args.do_train:
         start = time.perf_counter()
         if len(selected) == 0:
-            logger.warning_rank0("No prompt is above the perplexity threshold: nothing to learn; the adapter is unchanged.")
+            logger.warning_rank0(
+                "No prompt is above the perplexity threshold: nothing to learn; the adapter is unchanged."
+            )
         else:
             trainer.train_dataset = prompts.select(selected.tolist()).add_column(
                 "tlm_weight", weights[selected].astype(np.float32).tolist()
@@ -183,8 +186,10 @@ def _run_online(trainer, prompts, eval_dataset, tlm_args, training_args, timings
     records, stats["nonfinite_rows"], stats["backward_rows"], stats["skipped_steps"] = trainer.gathered_online_state()
     rows = []
     for index in range(n_rows):
-        rec = records.get(index, {"n_tokens": len(prompts[index]["input_ids"]), "log_ppl": float("nan"),
-                                  "selected": False, "weight": 0.0})
+        rec = records.get(
+            index,
+            {"n_tokens": len(prompts[index]["input_ids"]), "log_ppl": float("nan"), "selected": False, "weight": 0.0},
+        )
         rows.append({"index": index, "chunk": index // chunk, **rec})
     prediction = None
     if outputs:
@@ -219,6 +224,21 @@ def prompt_dataset(dataset: "Dataset") -> "Dataset":
     keep = {"input_ids", "attention_mask"}
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     return dataset.add_column("index", list(range(len(dataset))))
+
+
+def _check_prompts(prompts: "Dataset", template, tokenizer) -> None:
+    """Refuse a dataset whose prompts are all empty (only the chat template's own tokens are left)."""
+    empty, _ = template.encode_oneturn(
+        tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    )
+    empty_rows = [i for i, ids in enumerate(prompts["input_ids"]) if list(ids) == empty]
+    if len(empty_rows) == len(prompts):
+        raise TLMConfigError(
+            f"All {len(prompts)} prompts of the dataset are empty: nothing to learn from. Check the dataset's "
+            "columns (alpaca: instruction/input; or `columns` in dataset_info.json)."
+        )
+    if empty_rows:
+        logger.warning_rank0(f"{len(empty_rows)} prompts are empty (rows {empty_rows[:10]}...); they are kept.")
 
 
 def generation_kwargs(generating_args: "GeneratingArguments", tokenizer) -> dict[str, Any]:

@@ -1,0 +1,232 @@
+"""``llamafactory-cli train`` with ``stage: tlm`` run as a user runs it (subprocesses), plus in-process checks."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tlm_testing import CANARY, QUESTIONS, base_recipe, read_jsonl, run_cli, write_dataset
+
+
+pytestmark = pytest.mark.slow
+SCORE_KEYS = {"index", "n_tokens", "log_ppl", "selected", "weight", "log_ppl_after"}
+
+
+def check_ok(proc):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def lora_b_norm(output_dir: Path) -> float:
+    weights = load_file(str(output_dir / "adapter_model.safetensors"))
+    return sum(float(v.norm()) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_offline_run_leaves_adapter_records_and_predictions(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(base_recipe(tiny_model, tiny_data, out, do_predict=True, tlm_log_p0=5.99), tmp_path)
+    check_ok(proc)
+
+    rows = read_jsonl(out / "tlm_scores.jsonl")
+    assert [r["index"] for r in rows] == list(range(len(QUESTIONS)))
+    assert all(SCORE_KEYS <= set(r) for r in rows)
+    assert all(r["selected"] == (r["log_ppl"] > 5.99) for r in rows)
+    assert all((r["weight"] > 0) == r["selected"] for r in rows)
+    summary = json.loads((out / "tlm_summary.json").read_text())
+    n_sel = sum(r["selected"] for r in rows)
+    assert 0 < n_sel < len(rows), "the threshold should split this data set"
+    assert summary["n_selected"] == n_sel and summary["backward_passes"] == n_sel
+    assert summary["optimizer_steps"] == n_sel  # an unselected prompt costs no step at all
+    assert summary["mean_log_ppl_after_selected"] < summary["mean_log_ppl_before_selected"]
+    assert set(summary["wall_time_s"]) >= {"score_before_s", "train_s", "score_after_s", "predict_s"}
+
+    assert lora_b_norm(out) > 0  # the adapter learned something (LoRA B starts at zero)
+    preds = read_jsonl(out / "generated_predictions.jsonl")
+    assert len(preds) == len(QUESTIONS)
+    assert [q for q, _ in QUESTIONS] == [p["prompt"].split("user\n")[1].split("<|im_end|>")[0] for p in preds]
+    assert json.loads((out / "predict_results.json").read_text())["predict_samples_per_second"] > 0
+
+
+def test_command_line_flags_and_key_value_overrides(tiny_model, tiny_data, tmp_path):
+    recipe = base_recipe(tiny_model, tiny_data, tmp_path / "a")
+    proc = run_cli(recipe, tmp_path, args=["tlm_lambda=0.25", "tlm_selector=all"])
+    check_ok(proc)
+    settings = json.loads((tmp_path / "a" / "tlm_summary.json").read_text())["settings"]
+    assert settings["tlm_lambda"] == 0.25 and settings["tlm_selector"] == "all"
+
+    import os
+    import subprocess
+
+    from tlm_testing import VENV_BIN
+
+    recipe["output_dir"] = str(tmp_path / "b")
+    flags = []
+    for key, value in {**recipe, "tlm_lambda": 0.2, "tlm_mode": "online", "tlm_chunk_size": 4}.items():
+        flags += [f"--{key}", str(value)]
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "LLAMAFACTORY_VERBOSITY": "WARN"}
+    proc = subprocess.run(
+        [str(VENV_BIN / "llamafactory-cli"), "train", *flags], env=env, capture_output=True, text=True, timeout=600
+    )
+    check_ok(proc)
+    summary = json.loads((tmp_path / "b" / "tlm_summary.json").read_text())
+    assert summary["mode"] == "online" and summary["settings"]["tlm_lambda"] == 0.2
+
+
+def test_online_predicts_each_chunk_before_learning_from_it(tiny_model, tiny_data, tmp_path):
+    base = tmp_path / "base"
+    check_ok(
+        run_cli(
+            base_recipe(
+                tiny_model,
+                tiny_data,
+                base,
+                stage="sft",
+                do_train=False,
+                do_predict=True,
+                finetuning_type="lora",
+                tlm_log_p0=None,
+                eval_dataset="tiny",
+                predict_with_generate=True,
+            ),
+            tmp_path,
+        )
+    )
+    online = tmp_path / "online"
+    recipe = base_recipe(
+        tiny_model,
+        tiny_data,
+        online,
+        do_predict=True,
+        tlm_mode="online",
+        tlm_chunk_size=4,
+        tlm_selector="all",
+        learning_rate=5e-2,
+    )
+    check_ok(run_cli(recipe, tmp_path))
+
+    base_preds = [p["predict"] for p in read_jsonl(base / "generated_predictions.jsonl")]
+    online_preds = [p["predict"] for p in read_jsonl(online / "generated_predictions.jsonl")]
+    assert len(online_preds) == len(QUESTIONS)
+    assert online_preds[:4] == base_preds[:4]  # chunk 0 is answered before any update
+    assert online_preds[4:] != base_preds[4:]  # later chunks by a model that learned from earlier ones
+    rows = read_jsonl(online / "tlm_scores.jsonl")
+    assert [r["chunk"] for r in rows] == [i // 4 for i in range(len(QUESTIONS))]
+    assert json.loads((online / "tlm_summary.json").read_text())["backward_passes"] == len(QUESTIONS)
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_torchrun_two_processes_every_row_exactly_once(tiny_model, tmp_path, mode):
+    rows = [{"instruction": f"{q} ({i})", "input": "", "output": a} for i, (q, a) in enumerate(QUESTIONS[:11])]
+    data = write_dataset(tmp_path / "data", rows)  # 11 rows: an odd count exercises the uneven last batch
+    out = tmp_path / "out"
+    recipe = base_recipe(tiny_model, data, out, do_predict=True, tlm_mode=mode, tlm_chunk_size=3, tlm_log_p0=5.98)
+    check_ok(run_cli(recipe, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}))
+    scores = read_jsonl(out / "tlm_scores.jsonl")
+    assert [r["index"] for r in scores] == list(range(11))
+    preds = read_jsonl(out / "generated_predictions.jsonl")
+    assert [p["prompt"].split("user\n")[1].split("<|im_end|>")[0] for p in preds] == [r["instruction"] for r in rows]
+    summary = json.loads((out / "tlm_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["backward_passes"] == sum(r["selected"] for r in scores)
+
+
+def test_adapter_loads_for_inference_with_stage_sft(tiny_model, tiny_data, tmp_path):
+    adapted = tmp_path / "adapted"
+    check_ok(run_cli(base_recipe(tiny_model, tiny_data, adapted, tlm_selector="all"), tmp_path))
+    recipe = base_recipe(
+        tiny_model,
+        tiny_data,
+        tmp_path / "pred",
+        stage="sft",
+        do_train=False,
+        do_predict=True,
+        adapter_name_or_path=str(adapted),
+        eval_dataset="tiny",
+        predict_with_generate=True,
+        tlm_log_p0=None,
+    )
+    check_ok(run_cli(recipe, tmp_path))
+    assert len(read_jsonl(tmp_path / "pred" / "generated_predictions.jsonl")) == len(QUESTIONS)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["tlm_lamda=0.2"], "tlm_lamda"),
+        (["tlm_chunk_size=0"], "tlm_chunk_size"),
+        (["packing=true"], "packing"),
+        (["stage=sft", "tlm_lambda=0.2"], "tlm_lambda"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tiny_model, tiny_data, tmp_path, extra, message):
+    out = tmp_path / "out"
+    proc = run_cli(base_recipe(tiny_model, tiny_data, out), tmp_path, args=extra)
+    assert proc.returncode != 0
+    assert message in proc.stderr.splitlines()[-1]
+    assert not out.exists()
+
+
+def test_all_empty_prompts_are_refused(tiny_model, tmp_path):
+    data = write_dataset(tmp_path / "data", [{"instruction": "", "input": "", "output": "x"}] * 3)
+    proc = run_cli(base_recipe(tiny_model, data, tmp_path / "out"), tmp_path)
+    assert proc.returncode != 0
+    assert "empty" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "out" / "tlm_scores.jsonl").exists()
+
+
+# ---------------------------------------------------------------- in-process: what the trainer really sees
+def run_in_process(recipe: dict) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(recipe)
+
+
+def test_reference_answers_never_reach_a_training_batch(tiny_model, tiny_data, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tlm_plugin.train.trainer import TLMTrainer
+
+    seen: list[list[int]] = []
+    original = TLMTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.extend(inputs["input_ids"].tolist())
+        assert "labels" not in inputs
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TLMTrainer, "compute_loss", spy)
+    run_in_process(base_recipe(tiny_model, tiny_data, tmp_path / "out", tlm_selector="all", do_predict=True))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert len(seen) == len(QUESTIONS)
+    decoded = tokenizer.batch_decode(seen)
+    assert all(CANARY not in text for text in decoded)
+    assert all(any(q in text for text in decoded) for q, _ in QUESTIONS)  # every prompt, and only prompts
+    # the canary really is in the data, and in the labels that predictions are scored against
+    labels = [p["label"] for p in read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")]
+    assert all(CANARY in label for label in labels)
+
+
+def test_non_finite_loss_skips_the_update_and_is_recorded(tiny_model, tiny_data, tmp_path, monkeypatch):
+    from tlm_plugin.train import trainer as trainer_module
+
+    original = trainer_module.tlm_loss
+
+    def poisoned(log_ppl, weights):
+        loss = original(log_ppl, weights)
+        return loss * float("nan") if getattr(poisoned, "index", None) == 3 else loss
+
+    original_compute = trainer_module.TLMTrainer.compute_loss
+
+    def compute(self, model, inputs, *args, **kwargs):
+        poisoned.index = int(inputs["index"][0])
+        return original_compute(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "tlm_loss", poisoned)
+    monkeypatch.setattr(trainer_module.TLMTrainer, "compute_loss", compute)
+    out = tmp_path / "out"
+    run_in_process(base_recipe(tiny_model, tiny_data, out, tlm_selector="all", disable_shuffling=True))
+    summary = json.loads((out / "tlm_summary.json").read_text())
+    assert summary["nonfinite_rows"] == [3]
+    assert summary["backward_passes"] == len(QUESTIONS) - 1
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
