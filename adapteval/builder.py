@@ -1,0 +1,227 @@
+"""Building AdaptEval: a seeded sample of each dataset, written as LLaMA-Factory alpaca files with a
+``dataset_info.json`` (so the folder can be LLaMA-Factory's ``dataset_dir``) and a ``manifest.json``.
+
+Output folder::
+
+    <name>.json          list of {"instruction", "input", "output",
+                                  "source", "source_version", "source_file", "source_row"}
+    dataset_info.json    {<name>: {"file_name": "<name>.json", "formatting": "alpaca",
+                                   "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}
+    manifest.json        {"format": "adapteval-build/1",
+                          "datasets": {<name>: {"bench", "metric", "answer_format", "rows", "seed", "source", ...}}}
+
+Building into a folder that already holds a build adds to it: entries of other datasets are kept.
+
+Selection: rows from the hub or a package are pooled over their parts (e.g. GSM8K train + test), shuffled with
+``random.Random(seed)``, and the first ``n`` that format to a valid, not-yet-seen (instruction, input) pair are kept,
+in shuffled order. A released fixed file is the benchmark itself: with ``n`` at least its size every row is kept
+in file order; a smaller ``n`` keeps a seeded sample, still in file order.
+"""
+
+import bisect
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from types import ModuleType
+
+from adapteval.datasets._base import DatasetSpec, SourcePart
+from adapteval.errors import DataUnavailableError
+from adapteval.registry import fixed_path, get_dataset, resolve
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_N = 5000
+DEFAULT_SEED = 42
+MANIFEST_FORMAT = "adapteval-build/1"
+DATASET_INFO = "dataset_info.json"
+MANIFEST = "manifest.json"
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+ROW_KEYS = ("instruction", "input", "output", "source", "source_version", "source_file", "source_row")
+FIXED_SOURCE = "adapteval-fixed"
+
+
+def build(
+    datasets_or_benches: str | list[str],
+    out_dir: str | Path,
+    n: int = DEFAULT_N,
+    seed: int = DEFAULT_SEED,
+    offline: bool = False,
+    fixed_dir: str | Path | None = None,
+) -> dict:
+    """Build the named datasets and/or benches ("all", "domain,reasoning", ["gsm8k"]) into ``out_dir``.
+
+    ``offline`` builds benches from the offline packs (plus the released files found in ``fixed_dir``) and never
+    touches the hub; without it, paper datasets come from the hub unless their released file is in ``fixed_dir``.
+    Every dataset is built before anything is written, so a failure leaves ``out_dir`` as it was.
+    Returns the folder's manifest (the dict written to manifest.json).
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if fixed_dir is not None and not Path(fixed_dir).is_dir():
+        raise DataUnavailableError(f"--fixed-dir {fixed_dir} is not a folder")
+    names = resolve(datasets_or_benches, offline=offline, fixed_dir=fixed_dir)
+    built = {name: build_dataset(name, n=n, seed=seed, fixed_dir=fixed_dir) for name in names}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset_info = _read_json_object(out / DATASET_INFO)
+    manifest = _read_json_object(out / MANIFEST)
+    manifest.setdefault("format", MANIFEST_FORMAT)
+    manifest.setdefault("datasets", {})
+    for name, (rows, record) in built.items():
+        file_name = f"{name}.json"
+        _write_json(out / file_name, rows)
+        record["file"] = file_name
+        record["sha256"] = _sha256(out / file_name)
+        dataset_info[name] = {"file_name": file_name, "formatting": "alpaca", "columns": dict(ALPACA_COLUMNS)}
+        manifest["datasets"][name] = record
+        logger.info("adapteval: wrote %s (%d rows) to %s", file_name, len(rows), out)
+    _write_json(out / DATASET_INFO, dataset_info)
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def build_dataset(
+    name: str, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, fixed_dir: str | Path | None = None
+) -> tuple[list[dict], dict]:
+    """The rows of one dataset and its manifest record, without writing anything."""
+    module = get_dataset(name)
+    spec: DatasetSpec = module.SPEC
+    path = fixed_path(spec, fixed_dir)
+    rows, record = _from_fixed_file(path, n, seed) if path is not None else _from_source(module, n, seed)
+    return rows, {
+        "title": spec.title,
+        "bench": spec.bench,
+        "metric": spec.metric,
+        "answer_format": spec.answer_format,
+        "rows": len(rows),
+        "n_requested": n,
+        "seed": seed,
+        **record,
+        "builder": module.__name__,
+        "builder_version": module.VERSION,
+    }
+
+
+def _from_source(module: ModuleType, n: int, seed: int) -> tuple[list[dict], dict]:
+    spec: DatasetSpec = module.SPEC
+    try:
+        parts: list[SourcePart] = module.load_parts(n, seed)
+    except DataUnavailableError as err:
+        released = f" (released file name: {spec.fixed_file})" if spec.fixed_file else ""
+        raise type(err)(f"{spec.name}: {err}{released}") from err
+
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part.rows))
+    order = list(range(offsets[-1]))
+    random.Random(seed).shuffle(order)
+
+    rows: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    skipped_invalid = skipped_duplicate = examined = 0
+    for position in order:
+        if len(rows) == n:
+            break
+        examined += 1
+        part_index = bisect.bisect_right(offsets, position) - 1
+        part, row_index = parts[part_index], position - offsets[part_index]
+        formatted = module.format_row(part.rows[row_index])
+        if formatted is None:
+            skipped_invalid += 1
+            continue
+        key = (formatted["instruction"], formatted["input"])
+        if key in seen:
+            skipped_duplicate += 1
+            continue
+        seen.add(key)
+        rows.append(
+            {
+                **formatted,
+                "source": part.source,
+                "source_version": part.version,
+                "source_file": part.file,
+                "source_row": row_index,
+            }
+        )
+    return rows, {
+        "source_kind": "hub" if spec.needs_hub else "package",
+        "source": spec.source,
+        "parts": [
+            {"source": part.source, "version": part.version, "file": part.file, "rows": len(part.rows)}
+            for part in parts
+        ],
+        "selection": f"random.Random({seed}).shuffle over {offsets[-1]} pooled rows; first valid distinct rows kept",
+        "rows_examined": examined,
+        "skipped_invalid": skipped_invalid,
+        "skipped_duplicate": skipped_duplicate,
+    }
+
+
+def _from_fixed_file(path: Path, n: int, seed: int) -> tuple[list[dict], dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataUnavailableError(f"cannot read the released file {path}: {err}") from err
+    if not isinstance(data, list):
+        raise DataUnavailableError(f"{path}: expected a JSON list of alpaca rows, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        for key in ("instruction", "input", "output"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise DataUnavailableError(f"{path}: row {index} has no string {key!r}")
+
+    if n >= len(data):
+        indices = list(range(len(data)))
+        selection = "all rows, in file order"
+    else:
+        indices = sorted(random.Random(seed).sample(range(len(data)), n))
+        selection = f"random.Random({seed}).sample of {n} of {len(data)} rows, kept in file order"
+    digest = _sha256(path)
+    rows = [
+        {
+            "instruction": data[index]["instruction"],
+            "input": data[index]["input"],
+            "output": data[index]["output"],
+            "source": FIXED_SOURCE,
+            "source_version": digest[:12],
+            "source_file": path.name,
+            "source_row": index,
+        }
+        for index in indices
+    ]
+    return rows, {
+        "source_kind": "fixed",
+        "source": str(path),
+        "source_sha256": digest,
+        "parts": [{"source": FIXED_SOURCE, "version": digest[:12], "file": path.name, "rows": len(data)}],
+        "selection": selection,
+    }
+
+
+def _read_json_object(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(
+            f"{path} exists but is not valid JSON ({err}); remove it or build into another folder"
+        ) from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} exists but is not a JSON object; remove it or build into another folder")
+    return data
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(data, handle, ensure_ascii=False, indent=2)
+        handle.write("\n")
+    tmp.replace(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,2 @@
+"""One builder module per AdaptEval dataset (see ``_base`` for what a builder provides); the registry is
+``adapteval.registry``."""

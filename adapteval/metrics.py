@@ -1,0 +1,155 @@
+"""AdaptEval metrics: ROUGE-Lsum (headline for DomainBench and InstructionBench), ROUGE-1/2/L and BLEU (the
+paper's appendix tables), and exact match with per-dataset answer extraction (ReasoningBench).
+
+Every metric is registered with its metadata, in the spirit of lm-evaluation-harness: ``METRICS[name]`` gives a
+``MetricSpec`` (higher_is_better, the benches that report it, how per-sample values aggregate). All scores are in
+[0, 1]; BLEU is sacrebleu's corpus score divided by 100. An empty prediction is scored, not dropped: it gets 0.
+
+``score_predictions(dataset_name, predictions, references)`` is the one entry point the runner needs.
+"""
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from adapteval.extract import ANSWER_FORMATS, answers_match
+from adapteval.registry import get_dataset
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+# A sentence ends at ., ! or ? (or their full-width forms), with any closing quotes/brackets, where whitespace
+# follows. Needs no downloaded data (no nltk punkt); abbreviations such as "e.g. x" split too, which only makes
+# ROUGE-Lsum's summary-level LCS slightly more forgiving.
+_SENTENCE_BREAK = re.compile(r"([.!?。！？][\"'”’)\]]*)\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split ``text`` into sentences: at line breaks, and after sentence-final punctuation followed by space."""
+    broken = _SENTENCE_BREAK.sub(lambda match: match.group(1) + "\n", text)
+    return [sentence.strip() for sentence in broken.splitlines() if sentence.strip()]
+
+
+def one_sentence_per_line(text: str) -> str:
+    """The form ROUGE-Lsum expects: sentences separated by newlines."""
+    return "\n".join(split_sentences(text))
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge_per_sample(predictions: list[str], references: list[str], split: bool = True) -> dict[str, list[float]]:
+    """Per-sample ROUGE F1 for every type in ``ROUGE_TYPES`` (rouge-score, Porter stemming).
+
+    With ``split`` (the AdaptEval setting) both sides are first put one sentence per line, which is what makes
+    rougeLsum a summary-level score; rouge1/2/L ignore line breaks, so splitting does not change them.
+    """
+    scorer = _rouge_scorer()
+    scores: dict[str, list[float]] = {rouge_type: [] for rouge_type in ROUGE_TYPES}
+    for prediction, reference in zip(predictions, references, strict=True):
+        if split:
+            prediction, reference = one_sentence_per_line(prediction), one_sentence_per_line(reference)
+        result = scorer.score(reference, prediction)  # rouge-score takes (target, prediction)
+        for rouge_type in ROUGE_TYPES:
+            scores[rouge_type].append(float(result[rouge_type].fmeasure))
+    return scores
+
+
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus-level BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing), scaled to [0, 1]."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [references]).score / 100.0
+
+
+def exact_match_per_sample(predictions: list[str], references: list[str], answer_format: str) -> list[float]:
+    """1.0 where the answer extracted from the prediction equals the reference's, else 0.0 (see ``extract``)."""
+    fmt = ANSWER_FORMATS[answer_format]
+    return [
+        float(answers_match(fmt.extract_prediction(prediction), fmt.extract_reference(reference)))
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric. ``per_sample`` metrics aggregate by mean; corpus metrics compute one value directly."""
+
+    name: str
+    higher_is_better: bool
+    benches: tuple[str, ...]
+    description: str
+    aggregation: str  # "mean" of per-sample values, or "corpus"
+
+
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("rougeLsum", True, ("domain", "instruction"), "ROUGE-Lsum F1, one sentence per line", "mean"),
+        MetricSpec("rouge1", True, ("domain", "instruction"), "ROUGE-1 F1", "mean"),
+        MetricSpec("rouge2", True, ("domain", "instruction"), "ROUGE-2 F1", "mean"),
+        MetricSpec("rougeL", True, ("domain", "instruction"), "ROUGE-L F1", "mean"),
+        MetricSpec("bleu", True, ("domain", "instruction"), "sacrebleu corpus BLEU / 100", "corpus"),
+        MetricSpec("em", True, ("reasoning",), "exact match of the extracted answer", "mean"),
+    )
+}
+
+# The metrics reported for a dataset whose headline metric is the key (headline first).
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "rougeLsum": ("rougeLsum", "rouge1", "rouge2", "rougeL", "bleu"),
+    "em": ("em",),
+}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _text_scores(predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[float]]:
+    per_sample = rouge_per_sample(predictions, references)
+    scores = {rouge_type: _mean(values) for rouge_type, values in per_sample.items()}
+    scores["bleu"] = corpus_bleu(predictions, references) if predictions else 0.0
+    return scores, per_sample["rougeLsum"]
+
+
+def score_predictions(dataset_name: str, predictions: list[str], references: list[str]) -> dict:
+    """Score one dataset's predictions with its registered metric.
+
+    Returns a dict (all floats in [0, 1])::
+
+        {"dataset": "gsm8k", "metric": "em", "score": 0.76,      # headline metric and its value
+         "scores": {"em": 0.76},                                 # every metric of the group (see METRIC_GROUPS)
+         "per_sample": [1.0, 0.0, ...],                          # the headline metric per row
+         "n": 5000, "n_empty_predictions": 3,                    # empty predictions are scored 0, not dropped
+         "answer_format": "gsm8k"}                               # None for ROUGE datasets
+
+    Raises ValueError if the two lists differ in length, ``UnknownNameError`` for an unregistered dataset.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{dataset_name}: got {len(predictions)} predictions but {len(references)} references; "
+            "they must pair up one to one"
+        )
+    spec = get_dataset(dataset_name).SPEC
+    assert spec.metric in METRIC_GROUPS, (spec.name, spec.metric)
+    predictions = ["" if prediction is None else str(prediction) for prediction in predictions]
+    references = [str(reference) for reference in references]
+    if spec.metric == "em":
+        per_sample = exact_match_per_sample(predictions, references, spec.answer_format)
+        scores = {"em": _mean(per_sample)}
+    else:
+        scores, per_sample = _text_scores(predictions, references)
+    return {
+        "dataset": spec.name,
+        "metric": spec.metric,
+        "score": scores[spec.metric],
+        "scores": scores,
+        "per_sample": per_sample,
+        "n": len(predictions),
+        "n_empty_predictions": sum(1 for prediction in predictions if not prediction.strip()),
+        "answer_format": spec.answer_format,
+    }

@@ -1,0 +1,66 @@
+"""The dataset registry: every builder's metadata, bench membership, name resolution and its errors."""
+
+import pytest
+
+from adapteval.datasets._base import BENCHES
+from adapteval.errors import DataUnavailableError, UnknownNameError
+from adapteval.registry import DATASETS, bench_datasets, resolve, specs
+
+
+PAPER = {
+    "domain": ["geography", "agriculture", "medicine", "finance"],
+    "instruction": ["dolly", "alpaca_gpt4", "instruction_wild"],
+    "reasoning": ["gsm8k", "metamath", "logiqa"],
+}
+OFFLINE = {
+    "domain": ["medicine_evals", "finance_evals", "geography_evals"],
+    "instruction": ["chatterbot"],
+    "reasoning": ["gsm_symbolic", "logiqa_evals"],
+}
+
+
+def test_every_builder_has_a_version_and_a_consistent_spec():
+    for name, module in DATASETS.items():
+        assert isinstance(module.VERSION, str) and module.VERSION, name
+        assert module.SPEC.name == name
+        assert callable(module.load_parts) and callable(module.format_row)
+        assert module.SPEC.metric == ("em" if module.SPEC.bench == "reasoning" else "rougeLsum")
+        assert module.SPEC.needs_hub == (module.SPEC.fixed_file is not None)
+
+
+def test_the_ten_paper_datasets_and_their_benches():
+    for bench in BENCHES:
+        assert bench_datasets(bench) == PAPER[bench]
+        assert bench_datasets(bench, offline=True) == OFFLINE[bench]
+    assert sum(spec.needs_hub for spec in specs()) == 10
+
+
+def test_resolve_mixes_benches_and_datasets_without_repeats():
+    assert resolve("reasoning,gsm8k, dolly") == ["gsm8k", "metamath", "logiqa", "dolly"]
+    assert resolve(["ALL"]) == [name for bench in BENCHES for name in PAPER[bench]]
+    assert resolve("all", offline=True) == [name for bench in BENCHES for name in OFFLINE[bench]]
+    assert resolve("chatterbot") == ["chatterbot"]  # offline packs never need the hub
+
+
+def test_offline_benches_add_the_released_files_found(tmp_path):
+    (tmp_path / "gsm8k_random_5k.json").write_text("[]")
+    assert resolve("reasoning", offline=True, fixed_dir=tmp_path) == ["gsm8k", "gsm_symbolic", "logiqa_evals"]
+    assert resolve("gsm8k", offline=True, fixed_dir=tmp_path) == ["gsm8k"]
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(UnknownNameError) as error:
+        resolve("domain,reasonin")
+    message = str(error.value)
+    assert "'reasonin'" in message
+    assert "valid benches: domain, instruction, reasoning, all" in message
+    assert "gsm8k" in message and "chatterbot" in message
+    with pytest.raises(UnknownNameError, match="no dataset or bench named"):
+        resolve(" , ")
+
+
+def test_offline_paper_dataset_without_its_file_says_what_to_do(tmp_path):
+    with pytest.raises(
+        DataUnavailableError, match=r"dolly needs the Hugging Face Hub.*dolly_random_5k\.json.*--fixed-dir"
+    ):
+        resolve("dolly", offline=True, fixed_dir=tmp_path)
