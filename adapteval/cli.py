@@ -1,6 +1,10 @@
 """The ``adapteval`` command.
 
     adapteval build --bench domain,instruction,reasoning|all --out DIR [--n N] [--seed S] [--offline] [--fixed-dir DIR]
+    adapteval run --model PATH --template T --bench B --methods base,tlm,tlm-online --out DIR [--limit N] [--data DIR]
+                  [--offline] [--fixed-dir DIR] [--recipe YAML] [--set [METHOD:]KEY=VALUE ...] [--backend hf|vllm]
+                  [--force]
+    adapteval report DIR
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
 ``handler``; to add one (``run``, ``report``), write its function and append it to ``COMMANDS``.
@@ -68,7 +72,109 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_build_command]
+def add_run_command(subparsers: argparse._SubParsersAction) -> None:
+    from adapteval.methods import METHODS
+
+    parser = subparsers.add_parser(
+        "run",
+        help="run methods x datasets with llamafactory-cli and write the results tables",
+        description=(
+            "Run every (dataset, method) cell as one `llamafactory-cli train` run in --out/cells/<dataset>/<method>/, "
+            "score it, and write results.json/.csv/.md/.png into --out. Finished cells are reused."
+        ),
+    )
+    parser.add_argument("--model", help="model_name_or_path (else taken from --recipe)")
+    parser.add_argument("--template", help="LLaMA-Factory chat template (else taken from --recipe)")
+    parser.add_argument(
+        "--bench", required=True, help="comma-separated benches (domain, instruction, reasoning, all) and/or datasets"
+    )
+    parser.add_argument(
+        "--methods",
+        default="base,tlm",
+        help=f"comma-separated methods (default base,tlm; known: {', '.join(METHODS)})",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use the first N rows of each dataset")
+    parser.add_argument("--out", required=True, help="results folder (cells, tables; the cache of finished cells)")
+    parser.add_argument(
+        "--data", default=None, help="an AdaptEval build folder (else the data is built in --out/data)"
+    )
+    parser.add_argument("--offline", action="store_true", help="build the data without the hub (see `build`)")
+    parser.add_argument("--fixed-dir", default=None, help="folder with the released AdaptEval 5k files")
+    parser.add_argument("--recipe", default=None, help="base recipe YAML (default: the paper's settings)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="recipe value for every cell, or with METHOD: for that method's cells (repeatable)",
+    )
+    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend (default hf)")
+    parser.add_argument("--force", action="store_true", help="rerun cells even when a finished cell.json exists")
+    parser.set_defaults(handler=run_run)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from adapteval import runner
+    from adapteval.tables import write_reports
+
+    def progress(done: int, total: int, cell: dict, cached: bool) -> None:
+        timing = "cached" if cached else f"{cell['timings'].get('run_s', 0.0):.1f}s"
+        empty = f", {cell['n_empty']} empty" if cell["n_empty"] else ""
+        print(
+            f"[{done}/{total}] {cell['dataset']:<16} {cell['method']:<12} {cell['metric']} {cell['score']:.4f} "
+            f"(n={cell['n']}{empty}) {timing}",
+            flush=True,
+        )
+
+    print(f"adapteval run: cells and logs in {args.out}/cells/<dataset>/<method>/", flush=True)
+    try:
+        runner.run(
+            args.out,
+            bench=args.bench,
+            methods=args.methods,
+            model=args.model,
+            template=args.template,
+            limit=args.limit,
+            data_dir=args.data,
+            offline=args.offline,
+            fixed_dir=args.fixed_dir,
+            recipe=args.recipe,
+            overrides=args.overrides,
+            backend=args.backend,
+            force=args.force,
+            progress=progress,
+        )
+    except runner.RunnerError as err:
+        print(f"adapteval run: error: {err}", file=sys.stderr)
+        return 1
+    _print_reports(write_reports(args.out))
+    return 0
+
+
+def add_report_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="rebuild the results tables and chart from the finished cells of a results folder",
+        description="Rebuild results.json/.csv/.md/.png in OUT from OUT/cells/*/*/cell.json only (nothing is run).",
+    )
+    parser.add_argument("out", help="the --out folder of `adapteval run`")
+    parser.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from adapteval.tables import write_reports
+
+    _print_reports(write_reports(args.out))
+    return 0
+
+
+def _print_reports(paths: dict) -> None:
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    print(paths["md"].read_text(encoding="utf-8"), end="")
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_build_command, add_run_command, add_report_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

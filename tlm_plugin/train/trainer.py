@@ -38,6 +38,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         self.tlm_args = tlm_args
         self.selector = selector
         self._scoring = False
+        self._embed = False
         self.records: dict[int, dict[str, Any]] = {}  # online: per-row score at training time
         self.nonfinite_rows: list[int] = []
         self.backward_rows = 0  # selected rows that went through a backward pass (the paper's "#Backwards")
@@ -120,14 +121,15 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         return super()._get_train_sampler(*args, **kwargs)
 
     # ------------------------------------------------------------------ scoring
-    def score(self, dataset, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    def score(self, dataset, batch_size: int | None = None, embed: bool = False) -> dict[str, np.ndarray]:
         """One batched no-grad pass of the current model over ``dataset`` (rows sharded across ranks).
 
         Returns arrays ordered by the dataset's ``index`` column and complete on every rank:
-        ``index``, ``n_tokens`` (prompt tokens) and ``log_ppl``.
+        ``index``, ``n_tokens`` (prompt tokens), ``log_ppl`` and, with ``embed``, ``embedding`` (N, hidden): the
+        last layer's hidden state at the last prompt token, unit-normalised (SIFT's "model" embedding).
         """
         saved = (self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only)
-        self._scoring = True
+        self._scoring, self._embed = True, embed
         self.compute_metrics = None
         self.args.prediction_loss_only = False
         if batch_size is not None:
@@ -135,29 +137,34 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         try:
             output = Trainer.predict(self, dataset, metric_key_prefix="tlm_score")  # not Seq2Seq: keeps _gen_kwargs
         finally:
-            self._scoring = False
+            self._scoring, self._embed = False, False
             self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only = saved
-        table = np.asarray(output.predictions, dtype=np.float64).reshape(-1, 3)
-        order = np.argsort(table[:, 0], kind="stable")
-        table = table[order]
-        return {
-            "index": table[:, 0].astype(np.int64),
-            "n_tokens": table[:, 1].astype(np.int64),
-            "log_ppl": table[:, 2],
-        }
+        table = np.asarray(output.predictions, dtype=np.float64)
+        table = table[np.argsort(table[:, 0], kind="stable")]
+        result = {"index": table[:, 0].astype(np.int64), "n_tokens": table[:, 1].astype(np.int64)}
+        result["log_ppl"] = table[:, 2]
+        if embed:
+            result["embedding"] = table[:, 3:].astype(np.float32)
+        return result
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if not self._scoring:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            logits = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-            ).logits
-            log_ppl, _ = log_perplexity(logits, inputs["input_ids"], inputs["attention_mask"])
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+                output_hidden_states=self._embed,
+            )
+            log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["attention_mask"])
         n_tokens = inputs["attention_mask"].sum(-1)
-        table = torch.stack([inputs["index"].double(), n_tokens.double(), log_ppl.double()], dim=-1)
-        return None, table, None
+        columns = [inputs["index"].double()[:, None], n_tokens.double()[:, None], log_ppl.double()[:, None]]
+        if self._embed:  # right padding: the last prompt token sits at n_tokens - 1
+            last = outputs.hidden_states[-1][torch.arange(len(n_tokens)), n_tokens - 1].double()
+            columns.append(torch.nn.functional.normalize(last, dim=-1))
+        return None, torch.cat(columns, dim=-1), None
 
     # ------------------------------------------------------------------ online bookkeeping
     def gathered_online_state(self) -> tuple[dict[int, dict[str, Any]], list[int], int, int]:

@@ -4,6 +4,7 @@ Reads top to bottom like LLaMA-Factory's sft workflow: tokenizer, template, data
 the offline or online loop, the records and the predictions.
 """
 
+import copy
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +18,9 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.sft.metric import ComputeSimilarity
 
 from tlm_plugin.hparams import TLMConfigError
-from tlm_plugin.selectors import get_selector
+from tlm_plugin.selectors import PoolSelector, get_selector
 from tlm_plugin.train.collator import TLMDataCollator
+from tlm_plugin.train.pool_workflow import run_pool_selection
 from tlm_plugin.train.records import write_records
 from tlm_plugin.train.trainer import TLMTrainer, concat_predictions
 
@@ -80,18 +82,24 @@ def run_tlm(
     )
     score_bs = tlm_args.tlm_score_batch_size or training_args.per_device_eval_batch_size
 
-    if tlm_args.tlm_mode == "offline":
+    if isinstance(trainer.selector, PoolSelector):
+        pool = prompts
+        if tlm_args.tlm_pool_dataset is not None:
+            pool = _pool_dataset(tlm_args, template, model_args, data_args, training_args, tokenizer_module)
+        rows, stats, prediction = run_pool_selection(trainer, prompts, pool, eval_dataset, score_bs, timings)
+    elif tlm_args.tlm_mode == "offline":
         rows, stats, prediction = _run_offline(
             trainer, prompts, eval_dataset, tlm_args, training_args, score_bs, timings
         )
     else:
         rows, stats, prediction = _run_online(trainer, prompts, eval_dataset, tlm_args, training_args, timings)
 
-    start = time.perf_counter()
-    after = trainer.score(prompts, batch_size=score_bs)
-    timings["score_after_s"] = time.perf_counter() - start
-    for row, lp in zip(rows, after["log_ppl"].tolist()):
-        row["log_ppl_after"] = lp
+    if tlm_args.tlm_reset != "prompt":  # per-prompt runs measured each prompt before restoring the adapter
+        start = time.perf_counter()
+        after = trainer.score(prompts, batch_size=score_bs)
+        timings["score_after_s"] = time.perf_counter() - start
+        for row, lp in zip(rows, after["log_ppl"].tolist()):
+            row["log_ppl_after"] = lp
 
     if trainer.is_world_process_zero():
         write_records(training_args.output_dir, rows, _summary(rows, stats, tlm_args, training_args, timings))
@@ -197,6 +205,18 @@ def _run_online(trainer, prompts, eval_dataset, tlm_args, training_args, timings
     return rows, stats, prediction
 
 
+def _pool_dataset(tlm_args, template, model_args, data_args, training_args, tokenizer_module) -> "Dataset":
+    """The ``tlm_pool_dataset`` rows as templated prompts (their responses, if any, are dropped like the test set's)."""
+    pool_args = copy.copy(data_args)
+    pool_args.dataset = [name.strip() for name in tlm_args.tlm_pool_dataset.split(",")]
+    pool_args.eval_dataset, pool_args.val_size = None, 0.0
+    try:
+        module = get_dataset(template, model_args, pool_args, training_args, stage="tlm", **tokenizer_module)
+    except ValueError as err:
+        raise TLMConfigError(f"tlm_pool_dataset {tlm_args.tlm_pool_dataset!r}: {err}") from err
+    return prompt_dataset(module["train_dataset"])
+
+
 def _snapshot(trainer) -> dict[str, torch.Tensor]:
     model = trainer.accelerator.unwrap_model(trainer.model)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -258,6 +278,8 @@ def _check_training_args(training_args, data_args, tlm_args: "TLMArguments") -> 
         raise TLMConfigError("streaming cannot be used with stage: tlm: every prompt is scored before training.")
     if isinstance(data_args.eval_dataset, list) and data_args.eval_on_each_dataset:
         raise TLMConfigError("eval_on_each_dataset cannot be used with stage: tlm.")
+    if tlm_args.tlm_reset == "prompt" and training_args.do_predict and data_args.eval_dataset != data_args.dataset:
+        raise TLMConfigError("tlm_reset: prompt answers the test prompts themselves: leave eval_dataset unset.")
     if tlm_args.tlm_mode == "online":
         if training_args.do_predict and data_args.eval_dataset != data_args.dataset:
             raise TLMConfigError(

@@ -1,0 +1,109 @@
+"""The AdaptEval methods: what each column of the results table runs.
+
+A method is a name, a one-line description and the recipe keys it sets on top of the base recipe (the model,
+LoRA, learning rate and generation settings of a run). Every method runs through ``llamafactory-cli train``
+with ``stage: tlm``; a later method (``tlm-sift``, ``tent``, ``eata``, ``come``, token-scope variants) plugs in
+by registering one more entry::
+
+    register_method(Method("tlm-sift", "TLM on the prompts SIFT selects", {**TLM_OFFLINE, "tlm_selector": "sift"}))
+
+Layering of a cell's recipe (later wins): base recipe, the method's overrides, ``--set`` values, then the keys the
+runner owns (dataset, dataset_dir, output_dir). So ``--set tlm_chunk_size=50`` changes a method's own default,
+and ``--set tlm-online:tlm_chunk_size=50`` changes it for that method only.
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from adapteval.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of the AdaptEval table."""
+
+    name: str
+    description: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or "," in self.name or ":" in self.name:
+            raise ValueError(f"a method name must be non-empty and contain no ',' or ':', got {self.name!r}")
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+    def apply(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
+        """``recipe`` with this method's keys set (a new dict)."""
+        return {**recipe, **self.overrides}
+
+
+# Shared by the adapting methods: the paper's selection (Eq. 6, lambda 0.10, P0 = e^3) on the test prompts.
+TLM_ADAPT = {"stage": "tlm", "do_train": True, "do_predict": True, "tlm_lambda": 0.10, "tlm_log_p0": 3.0}
+TLM_OFFLINE = {
+    **TLM_ADAPT,
+    "tlm_mode": "offline",
+    "tlm_selector": "perplexity",
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.1,
+}
+TLM_ONLINE = {
+    **TLM_ADAPT,
+    "tlm_mode": "online",
+    "tlm_selector": "perplexity",
+    "tlm_chunk_size": 100,
+    "lr_scheduler_type": "constant",
+    "warmup_ratio": 0.0,
+    "num_train_epochs": 1.0,
+}
+
+METHODS: dict[str, Method] = {}
+BASE = "base"
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add ``method`` to the registry (``replace`` to redefine a registered name). Returns it."""
+    if method.name in METHODS and not replace:
+        raise ValueError(f"AdaptEval method {method.name!r} is already registered (pass replace=True)")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown AdaptEval method {name!r}; valid methods: {', '.join(METHODS)}") from None
+
+
+def resolve_methods(names: str | Iterable[str]) -> list[Method]:
+    """Methods from "base,tlm" or ["base", "tlm"], in the order named, without repeats."""
+    if isinstance(names, str):
+        names = [names]
+    requested = [part.strip() for name in names for part in name.split(",") if part.strip()]
+    if not requested:
+        raise UnknownNameError(f"no method named; valid methods: {', '.join(METHODS)}")
+    return [get_method(name) for name in dict.fromkeys(requested)]
+
+
+register_method(
+    Method(
+        BASE,
+        "the unadapted model answers the test prompts (stage tlm with do_train false: scores, no update)",
+        {"stage": "tlm", "do_train": False, "do_predict": True},
+    )
+)
+register_method(
+    Method(
+        "tlm",
+        "TLM offline: learn from all test prompts (perplexity-selected, paper Eq. 6), then answer them",
+        TLM_OFFLINE,
+    )
+)
+register_method(
+    Method(
+        "tlm-online",
+        "TLM online (Algorithm 1): answer each chunk of tlm_chunk_size prompts, then learn from it; constant LR",
+        TLM_ONLINE,
+    )
+)

@@ -1,0 +1,237 @@
+"""AdaptEval results as data first, tables second, all rebuilt from the cells' cell.json files only.
+
+``write_reports(out)`` writes into ``out``:
+
+results.json (``"format": "adapteval-results/1"``)::
+
+    {"format": "adapteval-results/1",
+     "settings": {"models": [...], "templates": [...], "limits": [...],     # distinct values over the cells
+                  "datasets": [...], "methods": [...], "n_cells": int},       # row and column order of the tables
+     "methods": [{"name", "description"}],
+     "cells": [{"dataset", "title", "bench", "method", "metric", "score", "scores", "base_score",
+                "relative_change",                                            # (score - base) / base, or None
+                "n", "n_empty", "empty_rows", "log_ppl_before", "log_ppl_after", "n_selected",
+                "backward_passes", "limit", "config_hash", "data_sha256", "timings"}]}
+
+results.csv     one row per cell (the same fields, flat; every metric of the cell's group as ``score_<metric>``)
+results.md      the paper's Table 2/3 layout: rows are datasets grouped by bench, columns are methods, each cell
+                ``score (relative change vs base)``, e.g. ``0.3212 (+31.1%)``
+results.png     grouped bar chart (``adapteval.plot``)
+
+Orders are fixed (bench, then registry order of datasets; registry order of methods), so the same cells always give
+byte-identical json, csv and md.
+"""
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from adapteval.datasets._base import BENCHES
+from adapteval.methods import BASE, METHODS
+from adapteval.metrics import METRICS
+from adapteval.registry import DATASETS
+from adapteval.runner import CELL_FILE, CELLS_DIR
+
+
+RESULTS_FORMAT = "adapteval-results/1"
+BENCH_TITLES = {"domain": "DomainBench", "instruction": "InstructionBench", "reasoning": "ReasoningBench"}
+METRIC_TITLES = {"rougeLsum": "ROUGE-Lsum", "em": "EM"}
+CELL_KEYS = (
+    "dataset",
+    "title",
+    "bench",
+    "method",
+    "metric",
+    "score",
+    "scores",
+    "base_score",
+    "relative_change",
+    "n",
+    "n_empty",
+    "empty_rows",
+    "log_ppl_before",
+    "log_ppl_after",
+    "n_selected",
+    "backward_passes",
+    "limit",
+    "config_hash",
+    "data_sha256",
+    "timings",
+)
+CSV_KEYS = (
+    "bench",
+    "dataset",
+    "method",
+    "metric",
+    "score",
+    "base_score",
+    "relative_change",
+    "n",
+    "n_empty",
+    "log_ppl_before",
+    "log_ppl_after",
+    "n_selected",
+    "backward_passes",
+    "run_s",
+    "limit",
+    "config_hash",
+)
+
+
+def load_cells(out: str | Path) -> list[dict]:
+    """Every finished cell under ``<out>/cells``, in table order (bench, dataset, method)."""
+    paths = sorted(Path(out).glob(f"{CELLS_DIR}/*/*/{CELL_FILE}"))
+    if not paths:
+        raise ValueError(
+            f"no finished cell in {Path(out) / CELLS_DIR} (expected */*/{CELL_FILE}); run `adapteval run`"
+        )
+    cells = []
+    for path in paths:
+        try:
+            cells.append(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); delete the cell to rerun it") from err
+    dataset_order, method_order = dataset_names(cells), method_names(cells)
+    return sorted(cells, key=lambda c: (dataset_order.index(c["dataset"]), method_order.index(c["method"])))
+
+
+def dataset_names(cells: list[dict]) -> list[str]:
+    present = {cell["dataset"] for cell in cells}
+    bench_of = {cell["dataset"]: cell["bench"] for cell in cells}
+    registered = [name for name in DATASETS if name in present]
+    others = sorted(present - set(registered))
+    return sorted(registered + others, key=lambda name: _bench_rank(bench_of[name]))
+
+
+def _bench_rank(bench: str) -> int:
+    return BENCHES.index(bench) if bench in BENCHES else len(BENCHES)
+
+
+def method_names(cells: list[dict]) -> list[str]:
+    present = {cell["method"] for cell in cells}
+    return [name for name in METHODS if name in present] + sorted(present - set(METHODS))
+
+
+def relative_change(score: float | None, base: float | None) -> float | None:
+    """(score - base) / base, the paper's "relative improvement"; None without a positive base score."""
+    if score is None or base is None or base <= 0:
+        return None
+    return (score - base) / base
+
+
+def build_results(cells: list[dict]) -> dict[str, Any]:
+    """The results.json document of ``cells`` (as ``load_cells`` returns them)."""
+    base = {cell["dataset"]: cell["score"] for cell in cells if cell["method"] == BASE}
+    rows = []
+    for cell in cells:
+        row = {key: cell.get(key) for key in CELL_KEYS}
+        row["base_score"] = base.get(cell["dataset"])
+        row["relative_change"] = relative_change(cell["score"], row["base_score"])
+        rows.append(row)
+    methods = method_names(cells)
+    descriptions = {cell["method"]: cell.get("method_description", "") for cell in cells}
+    return {
+        "format": RESULTS_FORMAT,
+        "settings": {
+            "models": _distinct(cell.get("recipe", {}).get("model_name_or_path") for cell in cells),
+            "templates": _distinct(cell.get("recipe", {}).get("template") for cell in cells),
+            "limits": _distinct(cell.get("limit") for cell in cells),
+            "datasets": dataset_names(cells),
+            "methods": methods,
+            "n_cells": len(cells),
+        },
+        "methods": [{"name": name, "description": descriptions[name]} for name in methods],
+        "cells": rows,
+    }
+
+
+def _distinct(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def results_csv(results: dict[str, Any]) -> str:
+    metric_keys = [f"score_{name}" for name in METRICS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*CSV_KEYS, *metric_keys], lineterminator="\n")
+    writer.writeheader()
+    for cell in results["cells"]:
+        row = {key: cell.get(key) for key in CSV_KEYS}
+        row["run_s"] = (cell.get("timings") or {}).get("run_s")
+        row.update({f"score_{name}": value for name, value in (cell.get("scores") or {}).items()})
+        writer.writerow({key: "" if value is None else value for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def format_score(score: float | None, base: float | None, is_base: bool) -> str:
+    """``0.3212 (+31.1%)``; the base column and cells without a positive base score show the score alone."""
+    if score is None:
+        return "-"
+    change = None if is_base else relative_change(score, base)
+    return f"{score:.4f}" if change is None else f"{score:.4f} ({change * 100:+.1f}%)"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The paper's Table 2/3 layout, with an Avg. row for every bench of two or more datasets."""
+    settings, methods = results["settings"], results["settings"]["methods"]
+    by_key = {(cell["dataset"], cell["method"]): cell for cell in results["cells"]}
+    lines = [
+        "# AdaptEval results",
+        "",
+        f"Model: {', '.join(f'`{m}`' for m in settings['models'])}; template: {', '.join(map(str, settings['templates']))}; "
+        f"rows per dataset: {_limits_text(settings['limits'])}.",
+        "Each cell is the headline metric, with the relative change vs `base` in parentheses.",
+        "",
+        "| Bench | Dataset | Metric | n | " + " | ".join(methods) + " |",
+        "|---|---|---|---:|" + "---:|" * len(methods),
+    ]
+    bench_of = {cell["dataset"]: cell["bench"] for cell in results["cells"]}
+    for bench in dict.fromkeys(bench_of[name] for name in settings["datasets"]):
+        names = [name for name in settings["datasets"] if bench_of[name] == bench]
+        for position, name in enumerate(names):
+            cells = [by_key.get((name, method)) for method in methods]
+            first = next(cell for cell in cells if cell is not None)
+            base = by_key.get((name, BASE), {}).get("score")
+            shown = [format_score(c and c["score"], base, m == BASE) for c, m in zip(cells, methods)]
+            label = BENCH_TITLES.get(bench, bench) if position == 0 else ""
+            metric = METRIC_TITLES.get(first["metric"], first["metric"])
+            lines.append(f"| {label} | {name} | {metric} | {first['n']} | " + " | ".join(shown) + " |")
+        if len(names) > 1:
+            lines.append(_average_row(names, methods, by_key))
+    empty = [c for c in results["cells"] if c.get("n_empty")]
+    if empty:
+        lines += [
+            "",
+            "Empty predictions (scored 0): "
+            + "; ".join(f"{c['dataset']}/{c['method']}: {c['n_empty']}" for c in empty)
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _average_row(names: list[str], methods: list[str], by_key: dict) -> str:
+    """Mean over the bench's datasets that every method has; the change is that of the means."""
+    complete = [name for name in names if all((name, method) in by_key for method in methods)]
+    means = {m: sum(by_key[(n, m)]["score"] for n in complete) / len(complete) if complete else None for m in methods}
+    shown = [format_score(means[m], means.get(BASE), m == BASE) for m in methods]
+    return f"|  | **Avg.** |  | {len(complete)} sets | " + " | ".join(shown) + " |"
+
+
+def _limits_text(limits: list) -> str:
+    texts = ["all" if limit is None else f"first {limit}" for limit in limits]
+    return ", ".join(texts) if texts else "all"
+
+
+def write_reports(out: str | Path) -> dict[str, Path]:
+    """Write results.json/.csv/.md and the bar chart from the cells in ``out``; returns the paths written."""
+    from adapteval.plot import plot_results
+
+    out = Path(out)
+    results = build_results(load_cells(out))
+    paths = {name: out / f"results.{name}" for name in ("json", "csv", "md", "png")}
+    paths["json"].write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    paths["csv"].write_text(results_csv(results), encoding="utf-8")
+    paths["md"].write_text(results_markdown(results), encoding="utf-8")
+    plot_results(results, paths["png"])
+    return paths

@@ -1,0 +1,113 @@
+"""Every recipe under recipes/ is parsed by LLaMA-Factory's own argument parser, and the paper recipes carry the
+paper's settings (Hu et al., ICML 2025, Sec. 5.1).
+
+The parser loads no model and no data, so recipes naming hub models parse here without network. Overrides, each the
+smallest that lets a recipe parse on this machine:
+- ``output_dir`` -> a temporary folder (nothing is written into the repository; the parser inspects it).
+- ``use_cpu: true`` when the recipe says ``bf16: true`` and no GPU is present: transformers refuses bf16 on a
+  machine without GPU unless told to run on CPU.
+- ``deepspeed`` removed: LLaMA-Factory requires the deepspeed package (not installed here) and a distributed
+  process launched by torchrun for it. The value itself is checked separately (ZeRO-2, FORCE_TORCHRUN launch).
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tlm_plugin.patch import split_args
+
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+PAPER_MODELS = {
+    "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
+    "llama3.2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3"),
+    "qwen2.5_7b_instruct": ("Qwen/Qwen2.5-7B-Instruct", "qwen"),
+}
+PAPER_RECIPES = [
+    path for path in RECIPES if path.parent.name == "adapteval" and path.name.startswith(tuple(PAPER_MODELS))
+]
+PAPER_LEARNING_RATES = {"domain": 5e-5, "instruction": 5e-5, "reasoning": 1e-6}
+HEADERS = ("### model", "### method", "### tlm", "### dataset", "### output", "### train")
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(REPO / "recipes"))
+
+
+def parse(path: Path, tmp_path: Path):
+    """(tlm arguments, LLaMA-Factory's five argument objects) of the recipe, with the overrides documented above."""
+    import torch
+    from llamafactory.hparams import get_train_args
+
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    recipe["output_dir"] = str(tmp_path / "output")
+    if recipe.get("bf16") and not torch.cuda.is_available():
+        recipe["use_cpu"] = True
+    recipe.pop("deepspeed", None)
+    tlm_args, rest = split_args(recipe)
+    return tlm_args, get_train_args(rest)
+
+
+def test_there_are_paper_recipes_for_every_model_and_bench():
+    stems = {path.stem for path in PAPER_RECIPES}
+    assert {f"{model}_{bench}" for model in PAPER_MODELS for bench in PAPER_LEARNING_RATES} <= stems
+    assert any(stem.endswith("_online") for stem in stems) and any(stem.endswith("_multigpu") for stem in stems)
+    assert {path.stem for path in RECIPES if path.stem.startswith("smollm2_cpu")} == {
+        "smollm2_cpu_offline",
+        "smollm2_cpu_online",
+    }
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_id)
+def test_recipe_is_parsed_by_llamafactory(path, tmp_path):
+    text = path.read_text(encoding="utf-8")
+    first_line = text.splitlines()[0]
+    assert re.fullmatch(rf"# (FORCE_TORCHRUN=1 )?llamafactory-cli train recipes/{re.escape(_id(path))}", first_line)
+    if path.parent.name == "adapteval":
+        positions = [text.index(header + "\n") for header in HEADERS]
+        assert positions == sorted(positions), "headers out of order"
+
+    tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
+    assert tlm_args is not None, "every recipe here is a stage: tlm recipe"
+    assert training_args.do_predict and training_args.predict_with_generate
+    assert data_args.eval_dataset == data_args.dataset  # stage tlm answers the test prompts themselves
+    assert generating_args.do_sample is False
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=_id)
+def test_paper_recipe_has_the_paper_settings(path, tmp_path):
+    bench = re.search(r"_(domain|instruction|reasoning)", path.stem).group(1)
+    model_key = next(key for key in PAPER_MODELS if path.stem.startswith(key + "_"))
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
+
+    assert (model_args.model_name_or_path, data_args.template) == PAPER_MODELS[model_key]
+    assert (finetuning_args.finetuning_type, finetuning_args.lora_rank, finetuning_args.lora_alpha) == ("lora", 8, 16)
+    assert finetuning_args.lora_dropout == 0.0 and finetuning_args.lora_target == ["q_proj", "v_proj"]
+    assert training_args.learning_rate == PAPER_LEARNING_RATES[bench]
+    assert (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps) == (1, 1)
+    assert training_args.num_train_epochs == 1.0
+    assert training_args.bf16 and data_args.cutoff_len == 4096
+    assert generating_args.do_sample is False and generating_args.max_new_tokens == 512
+    assert (tlm_args.tlm_lambda, tlm_args.tlm_log_p0, tlm_args.tlm_selector) == (0.10, 3.0, "perplexity")
+
+    from adapteval.registry import get_dataset
+
+    assert get_dataset(recipe["dataset"]).SPEC.bench == bench
+    if path.stem.endswith("_online"):
+        assert tlm_args.tlm_mode == "online" and tlm_args.tlm_chunk_size == 100
+        assert str(training_args.lr_scheduler_type.value) == "constant"
+    else:
+        assert tlm_args.tlm_mode == "offline"
+        assert str(training_args.lr_scheduler_type.value) == "cosine" and training_args.warmup_ratio == 0.1
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "deepspeed" in p.read_text()], ids=_id)
+def test_multigpu_recipe_uses_zero2_and_a_torchrun_launch(path):
+    text = path.read_text(encoding="utf-8")
+    assert yaml.safe_load(text)["deepspeed"] == "examples/deepspeed/ds_z2_config.json"
+    assert text.startswith("# FORCE_TORCHRUN=1 llamafactory-cli train ")
+    assert "ZeRO-3 is incompatible with predict_with_generate" in text
