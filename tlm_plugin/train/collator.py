@@ -11,7 +11,8 @@ import torch
 class TLMDataCollator:
     """Pads prompt features; hands features that carry ``labels`` (generation batches) to LLaMA-Factory's collator.
 
-    Prompt features: ``input_ids``, ``attention_mask``, ``index`` and, for training batches, ``tlm_weight``.
+    Prompt features: ``input_ids``, ``attention_mask``, ``index``, optionally ``loss_mask`` (the tokens that
+    count, ``tlm_loss_tokens``; default every prompt token) and, for training batches, ``tlm_weight``.
     Padding is always on the right here, whatever the tokenizer's side (generation batches use the tokenizer's,
     which LLaMA-Factory sets to left), so positions need no adjustment in the forward pass.
     """
@@ -26,13 +27,16 @@ class TLMDataCollator:
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(features), width), dtype=torch.long)
         for row, feature in enumerate(features):
             ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
+            loss_mask[row, : len(ids)] = torch.as_tensor(feature.get("loss_mask") or [1] * len(ids))
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
             "index": torch.as_tensor([f["index"] for f in features], dtype=torch.long),
         }
         if "tlm_weight" in features[0]:

@@ -38,6 +38,11 @@ def _autocast(args) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _loss_mask(row: dict, ids: torch.Tensor) -> torch.Tensor:
+    mask = row.get("loss_mask")
+    return torch.ones_like(ids) if mask is None else torch.tensor([mask], device=ids.device)
+
+
 def run_per_prompt(trainer, prompts, pool, prompt_emb, pool_emb, gen_kwargs) -> dict[str, Any]:
     """Adapt-answer-restore for every prompt of this rank; returns the merged per-prompt records on every rank."""
     args = trainer.args
@@ -66,7 +71,7 @@ def run_per_prompt(trainer, prompts, pool, prompt_emb, pool_emb, gen_kwargs) -> 
             ids = torch.tensor([pool[row]["input_ids"]], device=device)
             with _autocast(args):
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-                loss, _ = log_perplexity(logits, ids, torch.ones_like(ids))
+                loss, _ = log_perplexity(logits, ids, _loss_mask(pool[row], ids))
             if not torch.isfinite(loss).all():
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float("nan"))
@@ -82,7 +87,7 @@ def run_per_prompt(trainer, prompts, pool, prompt_emb, pool_emb, gen_kwargs) -> 
         ids = torch.tensor([prompts[p]["input_ids"]], device=device)
         with torch.no_grad(), _autocast(args):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            after, _ = log_perplexity(logits, ids, torch.ones_like(ids))
+            after, _ = log_perplexity(logits, ids, _loss_mask(prompts[p], ids))
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
         answer = generated[0, ids.shape[1] :].tolist()
         restore(model, optimizer, snapshot)

@@ -49,7 +49,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        log_ppl, n_predicted = log_perplexity(outputs.logits, inputs["input_ids"], inputs["attention_mask"])
+        log_ppl, n_predicted = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
         if "tlm_weight" in inputs:  # offline: fixed scores from the model before adaptation
             weights = inputs["tlm_weight"].to(log_ppl.device)
         else:  # online: S(x) from the current model, this very forward pass
@@ -158,7 +158,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
                 use_cache=False,
                 output_hidden_states=self._embed,
             )
-            log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["attention_mask"])
+            log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
         n_tokens = inputs["attention_mask"].sum(-1)
         columns = [inputs["index"].double()[:, None], n_tokens.double()[:, None], log_ppl.double()[:, None]]
         if self._embed:  # right padding: the last prompt token sits at n_tokens - 1

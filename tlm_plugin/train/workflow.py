@@ -22,6 +22,7 @@ from tlm_plugin.selectors import PoolSelector, get_selector
 from tlm_plugin.train.collator import TLMDataCollator
 from tlm_plugin.train.pool_workflow import run_pool_selection
 from tlm_plugin.train.records import write_records
+from tlm_plugin.train.scope_data import with_user_scope
 from tlm_plugin.train.trainer import TLMTrainer, concat_predictions
 
 
@@ -54,6 +55,8 @@ def run_tlm(
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="tlm", **tokenizer_module)
     prompts = prompt_dataset(dataset_module["train_dataset"])
     _check_prompts(prompts, template, tokenizer)
+    if tlm_args.tlm_loss_tokens == "user":
+        prompts = with_user_scope(prompts, template, tokenizer, model_args, data_args, training_args)
     eval_dataset = dataset_module.get("eval_dataset")
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     tokenizer.padding_side = "left"  # generation batches; scoring/training batches are right-padded by the collator
@@ -102,7 +105,11 @@ def run_tlm(
             row["log_ppl_after"] = lp
 
     if trainer.is_world_process_zero():
-        write_records(training_args.output_dir, rows, _summary(rows, stats, tlm_args, training_args, timings))
+        write_records(
+            training_args.output_dir,
+            rows,
+            _summary(rows, stats, tlm_args, training_args, timings, getattr(trainer.selector, "log_p0_used", None)),
+        )
         if training_args.do_train and finetuning_args.plot_loss:
             plot_loss(training_args.output_dir, keys=["loss"])
 
@@ -241,7 +248,7 @@ def prompt_dataset(dataset: "Dataset") -> "Dataset":
     """
     if dataset is None or len(dataset) == 0:
         raise TLMConfigError("The dataset has no valid prompt (check `dataset` and `dataset_dir`).")
-    keep = {"input_ids", "attention_mask"}
+    keep = {"input_ids", "attention_mask", "loss_mask"}
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     return dataset.add_column("index", list(range(len(dataset))))
 
@@ -293,7 +300,7 @@ def _check_training_args(training_args, data_args, tlm_args: "TLMArguments") -> 
             raise TLMConfigError("tlm_reset: chunk is not supported with DeepSpeed (optimizer state is partitioned).")
 
 
-def _summary(rows, stats, tlm_args, training_args, timings) -> dict[str, Any]:
+def _summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> dict[str, Any]:
     import llamafactory
 
     import tlm_plugin
@@ -306,6 +313,8 @@ def _summary(rows, stats, tlm_args, training_args, timings) -> dict[str, Any]:
     return {
         "mode": tlm_args.tlm_mode,
         "settings": tlm_args.to_dict(),
+        "loss_tokens": tlm_args.tlm_loss_tokens,
+        "log_p0_used": log_p0_used,
         "n_prompts": len(rows),
         "n_selected": len(selected),
         "n_skipped": len(rows) - len(selected),
