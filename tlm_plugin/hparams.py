@@ -107,6 +107,31 @@ class TLMArguments:
             "seen so far). Overrides tlm_log_p0."
         },
     )
+    tlm_objective: Literal["perplexity", "tent", "eata", "come"] = field(
+        default="perplexity",
+        metadata={
+            "help": "What a test-time update minimises. perplexity: TLM (weighted input log-perplexity). tent: "
+            "entropy of the model's next-token distributions over `tlm_entropy_tokens` greedily generated tokens "
+            "(Wang et al., ICLR 2021). eata: the same entropy on reliable samples only (H < E0), weighted by "
+            "exp(E0 - H) (Niu et al., ICML 2022). come: entropy of a Dirichlet opinion with an uncertainty mass, "
+            "with logit-norm conservation (Zhang et al., ICLR 2025). See docs/objectives.md."
+        },
+    )
+    tlm_entropy_tokens: int = field(
+        default=80,
+        metadata={"help": "tent / eata / come: number of tokens generated per prompt whose entropy is minimised."},
+    )
+    tlm_eata_e0: float = field(
+        default=0.4,
+        metadata={"help": "EATA's entropy margin E0, in the unit of `tlm_eata_e0_scale` (EATA: 0.4 * ln C)."},
+    )
+    tlm_eata_e0_scale: Literal["ln_vocab", "nats"] = field(
+        default="ln_vocab",
+        metadata={
+            "help": "ln_vocab (EATA's own definition): E0 = tlm_eata_e0 * ln(vocabulary size). nats: E0 = "
+            "tlm_eata_e0 as an absolute entropy (the TLM paper's literal 'E0 = 0.4')."
+        },
+    )
     tlm_score_batch_size: int | None = field(
         default=None,
         metadata={
@@ -131,6 +156,14 @@ class TLMArguments:
             raise TLMConfigError(f"tlm_score_batch_size must be >= 1, got {self.tlm_score_batch_size!r}.")
         if self.tlm_reset == "chunk" and self.tlm_mode != "online":
             raise TLMConfigError("tlm_reset: chunk only applies to tlm_mode: online.")
+        _check_choice("tlm_objective", self.tlm_objective, ("perplexity", "tent", "eata", "come"))
+        _check_choice("tlm_eata_e0_scale", self.tlm_eata_e0_scale, ("ln_vocab", "nats"))
+        if self.tlm_entropy_tokens < 1:
+            raise TLMConfigError(f"tlm_entropy_tokens must be >= 1, got {self.tlm_entropy_tokens!r}.")
+        if not self.tlm_eata_e0 > 0:
+            raise TLMConfigError(f"tlm_eata_e0 must be > 0, got {self.tlm_eata_e0!r}.")
+        if self.tlm_objective != "perplexity" and self.tlm_reset == "prompt":
+            raise TLMConfigError("tlm_reset: prompt trains on pool rows' perplexity; use tlm_objective: perplexity.")
         _check_choice("tlm_loss_tokens", self.tlm_loss_tokens, ("prompt", "user"))
         if self.tlm_select_fraction is not None and not 0 < self.tlm_select_fraction <= 1:
             raise TLMConfigError(f"tlm_select_fraction must be in (0, 1], got {self.tlm_select_fraction!r}.")

@@ -14,6 +14,7 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from transformers import Trainer
 from transformers.trainer_utils import PredictionOutput
 
+from tlm_plugin.objectives.step import entropy_step
 from tlm_plugin.train.loss import log_perplexity, tlm_loss
 
 
@@ -48,24 +49,51 @@ class TLMTrainer(CustomSeq2SeqTrainer):
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.tlm_args.tlm_objective != "perplexity":
+            return self._entropy_loss(model, inputs)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        log_ppl, n_predicted = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
-        if "tlm_weight" in inputs:  # offline: fixed scores from the model before adaptation
-            weights = inputs["tlm_weight"].to(log_ppl.device)
-        else:  # online: S(x) from the current model, this very forward pass
-            weights = self.selector.weights(log_ppl.detach().cpu()).to(log_ppl.device)
-            weights = torch.where(inputs["index"].to(log_ppl.device) > self._stream_high, weights, 0.0)
-            self._record_online(inputs, log_ppl, weights)
+        log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
+        weights = self._selection_weights(inputs, log_ppl.detach())
+        self._record(inputs, log_ppl, weights)
         self._last_weights = weights
         loss = tlm_loss(log_ppl, weights)
         return (loss, outputs) if return_outputs else loss
 
-    def _record_online(self, inputs, log_ppl: torch.Tensor, weights: torch.Tensor) -> None:
-        for idx, n_tokens, lp, w in zip(
-            inputs["index"].tolist(), inputs["attention_mask"].sum(-1).tolist(), log_ppl.tolist(), weights.tolist()
-        ):
-            if idx > self._stream_high:  # rows repeated to even out the last batch across ranks are not new
-                self.records[idx] = {"n_tokens": n_tokens, "log_ppl": lp, "selected": w > 0, "weight": w}
+    def _selection_weights(self, inputs, log_ppl: torch.Tensor) -> torch.Tensor:
+        if "tlm_weight" in inputs:  # offline: fixed scores from the model before adaptation
+            return inputs["tlm_weight"].to(log_ppl.device)
+        # online: S(x) from the current model, this very forward pass; rows repeated to even out the last batch
+        # across ranks (index at or below what earlier steps covered) are not new and get weight 0
+        weights = self.selector.weights(log_ppl.cpu()).to(log_ppl.device)
+        return torch.where(inputs["index"].to(log_ppl.device) > self._stream_high, weights, 0.0)
+
+    def _entropy_loss(self, model, inputs):
+        """Tent / EATA / COME (see :mod:`tlm_plugin.objectives.step`); the selector decides which rows count."""
+        selected = {}
+
+        def select(log_ppl: torch.Tensor) -> torch.Tensor:
+            selected["w"] = self._selection_weights(inputs, log_ppl)
+            return selected["w"] > 0
+
+        loss, stats = entropy_step(self, model, inputs, select)
+        weights = stats["weights"] * (selected["w"] > 0)
+        self._record(inputs, stats["log_ppl"], weights, entropy=stats["entropy"])
+        self._last_weights = weights
+        return loss
+
+    def _record(self, inputs, log_ppl: torch.Tensor, weights: torch.Tensor, entropy=None) -> None:
+        """Per-row score at training time (online: the score that decided; offline entropy objectives: H(x))."""
+        if self.tlm_args.tlm_mode != "online" and entropy is None:
+            return
+        n_tokens = inputs["attention_mask"].sum(-1).tolist()
+        ent = entropy.tolist() if entropy is not None else [None] * len(n_tokens)
+        for idx, n, lp, w, h in zip(inputs["index"].tolist(), n_tokens, log_ppl.tolist(), weights.tolist(), ent):
+            if self.tlm_args.tlm_mode == "online" and idx <= self._stream_high:
+                continue
+            record = {"n_tokens": n, "log_ppl": lp, "selected": w > 0, "weight": w}
+            if h is not None:
+                record["entropy"] = h
+            self.records[idx] = record
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.before_step is not None:

@@ -150,8 +150,12 @@ def _run_offline(trainer, prompts, eval_dataset, tlm_args, training_args, score_
             stats["optimizer_steps"] = trainer.state.global_step
         trainer.save_model()
         timings["train_s"] = time.perf_counter() - start
-        _, nonfinite, stats["backward_rows"], stats["skipped_steps"] = trainer.gathered_online_state()
+        records, nonfinite, stats["backward_rows"], stats["skipped_steps"] = trainer.gathered_online_state()
         stats["nonfinite_rows"] = nonfinite
+        for row in rows:  # entropy objectives: the objective's own score of each trained row
+            if row["index"] in records and "entropy" in records[row["index"]]:
+                rec = records[row["index"]]
+                row.update(entropy=rec["entropy"], objective_selected=rec["selected"], objective_weight=rec["weight"])
 
     prediction = None
     if training_args.do_predict:
