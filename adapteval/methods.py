@@ -107,3 +107,68 @@ register_method(
         TLM_ONLINE,
     )
 )
+
+# The paper's entropy baselines (Table 2/3): every prompt, greedy answers of 80 tokens, offline like TLM.
+_ENTROPY = {**TLM_OFFLINE, "tlm_selector": "all", "tlm_entropy_tokens": 80}
+register_method(
+    Method(
+        "tent", "Tent: minimise the entropy of the model's own 80-token answers", {**_ENTROPY, "tlm_objective": "tent"}
+    )
+)
+register_method(
+    Method(
+        "eata",
+        "EATA: Tent on reliable answers only (H < 0.4 ln V), weighted by exp(E0 - H)",
+        {**_ENTROPY, "tlm_objective": "eata"},
+    )
+)
+register_method(
+    Method(
+        "come",
+        "COME: entropy of a Dirichlet opinion with uncertainty mass, norm-conserved",
+        {**_ENTROPY, "tlm_objective": "come"},
+    )
+)
+# SIFT (Hübotter et al., ICLR 2025) as TLM's selector, and per-prompt test-time fine-tuning.
+register_method(
+    Method(
+        "tlm-sift",
+        "TLM on the test prompts SIFT picks for all of them (tlm_sift_budget picks, repeats allowed)",
+        {**TLM_OFFLINE, "tlm_selector": "sift"},
+    )
+)
+register_method(
+    Method(
+        "sift-ttft",
+        "SIFT test-time fine-tuning: per prompt, 4 picks from the test set, one step each, answer, restore",
+        {
+            **TLM_ADAPT,
+            "tlm_selector": "sift",
+            "tlm_reset": "prompt",
+            "tlm_sift_budget": 4,
+            "lr_scheduler_type": "constant",
+        },
+    )
+)
+# Token scope and calibrated threshold (docs/results-cpu.md compares them with the paper's defaults).
+register_method(
+    Method(
+        "tlm-user",
+        "TLM with score and loss on the user's tokens only (tlm_loss_tokens: user)",
+        {**TLM_OFFLINE, "tlm_loss_tokens": "user"},
+    )
+)
+register_method(
+    Method(
+        "tlm-frac",
+        "TLM with P0 calibrated to select half of the prompts (tlm_select_fraction)",
+        {**TLM_OFFLINE, "tlm_select_fraction": 0.5},
+    )
+)
+register_method(
+    Method(
+        "tlm-user-frac",
+        "tlm-user and tlm-frac together",
+        {**TLM_OFFLINE, "tlm_loss_tokens": "user", "tlm_select_fraction": 0.5},
+    )
+)
