@@ -120,6 +120,7 @@ def run_pool_selection(trainer, prompts, pool, eval_dataset, score_bs, timings):
 def _per_prompt(trainer, prompts, pool, eval_dataset, prompt_emb, pool_emb, rows, stats, timings):
     result = run_per_prompt(trainer, prompts, pool, prompt_emb, pool_emb, trainer.generation_kwargs)
     timings["per_prompt_s"] = result["seconds"]
+    trainer.save_model()  # the restored starting adapter: every prompt's adaptation was discarded by design
     records = result["records"]
     _write_selection(
         trainer,

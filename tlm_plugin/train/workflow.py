@@ -289,6 +289,8 @@ def _check_training_args(training_args, data_args, tlm_args: "TLMArguments") -> 
         raise TLMConfigError("streaming cannot be used with stage: tlm: every prompt is scored before training.")
     if isinstance(data_args.eval_dataset, list) and data_args.eval_on_each_dataset:
         raise TLMConfigError("eval_on_each_dataset cannot be used with stage: tlm.")
+    if tlm_args.tlm_reset == "prompt" and not training_args.do_train:
+        raise TLMConfigError("tlm_reset: prompt adapts to every prompt: set do_train: true.")
     if tlm_args.tlm_reset == "prompt" and training_args.do_predict and data_args.eval_dataset != data_args.dataset:
         raise TLMConfigError("tlm_reset: prompt answers the test prompts themselves: leave eval_dataset unset.")
     if tlm_args.tlm_mode == "online":
