@@ -135,8 +135,9 @@ class TLMArguments:
     tlm_score_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Batch size of the no-grad scoring passes (before and after adaptation). "
-            "Defaults to per_device_eval_batch_size."
+            "help": "Batch size of the no-grad scoring passes (before and after adaptation). Defaults to "
+            "per_device_train_batch_size, so that scoring never needs more memory than a training step (the "
+            "logits of a batch are batch x length x vocabulary); raise it on GPUs with memory to spare."
         },
     )
 

@@ -20,10 +20,13 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Te
         (B, T-1) NLL of token t+1 given tokens <= t, zero where ``loss_mask[:, 1:]`` is 0. Computed in float32
         whatever the logits' dtype (bf16 logits lose too much precision in log-softmax).
     """
-    shift_logits = logits[:, :-1, :].float()
+    # Row by row: a (T, V) slice of one row is contiguous, so no (B, T, V) copy or log-softmax of the whole batch is
+    # ever materialised next to the logits (with a 128k vocabulary that copy would dwarf the model's activations).
     shift_ids = input_ids[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_ids.reshape(-1), reduction="none")
-    return nll.view_as(shift_ids) * loss_mask[:, 1:].to(nll.dtype)
+    nll = torch.stack(
+        [F.cross_entropy(logits[b, :-1, :].float(), shift_ids[b], reduction="none") for b in range(logits.size(0))]
+    )
+    return nll * loss_mask[:, 1:].to(nll.dtype)
 
 
 def log_perplexity(

@@ -83,7 +83,7 @@ def run_tlm(
         compute_metrics=ComputeSimilarity(tokenizer=tokenizer) if training_args.predict_with_generate else None,
         **tokenizer_module,
     )
-    score_bs = tlm_args.tlm_score_batch_size or training_args.per_device_eval_batch_size
+    score_bs = tlm_args.tlm_score_batch_size or training_args.per_device_train_batch_size
 
     if isinstance(trainer.selector, PoolSelector):
         pool = prompts
