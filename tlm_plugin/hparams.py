@@ -132,6 +132,18 @@ class TLMArguments:
             "tlm_eata_e0 as an absolute entropy (the TLM paper's literal 'E0 = 0.4')."
         },
     )
+    tlm_eata_fisher_coeff: float = field(
+        default=0.0,
+        metadata={
+            "help": "EATA's anti-forgetting term beta * sum F (theta - theta0)^2 over the trainable weights "
+            "(0: off; EATA uses 2000). F is the diagonal Fisher of the model's own greedy answers "
+            "(pseudo-label cross-entropy) on the first `tlm_eata_fisher_samples` prompts, before any update."
+        },
+    )
+    tlm_eata_fisher_samples: int = field(
+        default=32,
+        metadata={"help": "Prompts used to estimate EATA's Fisher (with tlm_eata_fisher_coeff > 0)."},
+    )
     tlm_score_batch_size: int | None = field(
         default=None,
         metadata={
@@ -161,6 +173,10 @@ class TLMArguments:
         _check_choice("tlm_eata_e0_scale", self.tlm_eata_e0_scale, ("ln_vocab", "nats"))
         if self.tlm_entropy_tokens < 1:
             raise TLMConfigError(f"tlm_entropy_tokens must be >= 1, got {self.tlm_entropy_tokens!r}.")
+        if self.tlm_eata_fisher_coeff < 0 or self.tlm_eata_fisher_samples < 1:
+            raise TLMConfigError("tlm_eata_fisher_coeff must be >= 0 and tlm_eata_fisher_samples >= 1.")
+        if self.tlm_eata_fisher_coeff > 0 and self.tlm_objective != "eata":
+            raise TLMConfigError("tlm_eata_fisher_coeff only applies to tlm_objective: eata.")
         if not self.tlm_eata_e0 > 0:
             raise TLMConfigError(f"tlm_eata_e0 must be > 0, got {self.tlm_eata_e0!r}.")
         if self.tlm_objective != "perplexity" and self.tlm_reset == "prompt":

@@ -102,3 +102,27 @@ def test_online_tent_streams_and_predicts(tiny_model, tiny_data, tmp_path):
     rows = read_jsonl(out / "tlm_scores.jsonl")
     assert all("entropy" in r for r in rows)
     assert len(read_jsonl(out / "generated_predictions.jsonl")) == len(QUESTIONS)
+
+
+@pytest.mark.slow
+def test_eata_fisher_penalty_holds_the_adapter_closer_to_its_start(tiny_model, tiny_data, tmp_path):
+    common = dict(
+        tlm_objective="eata",
+        tlm_selector="all",
+        tlm_entropy_tokens=4,
+        tlm_eata_e0=1.0,
+        learning_rate=5e-2,
+        disable_shuffling=True,
+    )
+    run_in_process(base_recipe(tiny_model, tiny_data, tmp_path / "free", **common))
+    run_in_process(
+        base_recipe(
+            tiny_model, tiny_data, tmp_path / "fisher", tlm_eata_fisher_coeff=1e6, tlm_eata_fisher_samples=4, **common
+        )
+    )
+
+    def drift(out):
+        weights = load_file(str(out / "adapter_model.safetensors"))
+        return sum(float(w.abs().sum()) for k, w in weights.items() if "lora_B" in k)  # B starts at zero
+
+    assert 0 < drift(tmp_path / "fisher") < drift(tmp_path / "free")

@@ -40,13 +40,11 @@ def _generated_mask(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return (~ended_before).long()
 
 
-def entropy_step(
-    trainer, model, inputs: dict[str, torch.Tensor], select: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Loss of ``trainer.tlm_args.tlm_objective`` on a batch and per-sample statistics (all detached).
+def generate_and_forward(trainer, model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Greedy answers (no gradient, KV cache), then one forward pass with gradient over prompt + answer.
 
-    ``select`` maps the prompts' detached log-perplexities (B,) to a (B,) bool mask of the samples the selector
-    keeps; the others are masked out of the objective (and so get no gradient).
+    Returns ``logits`` (B, T, V), ``sequences`` (B, T), ``answer_mask`` (positions whose logits predict a generated
+    token) and ``prompt_mask`` (positions of counted prompt tokens), all aligned with left-padded ``sequences``.
     """
     args = trainer.tlm_args
     tokenizer = trainer.processing_class
@@ -80,11 +78,31 @@ def entropy_step(
     attention = torch.cat([left_attn, gen_mask], dim=-1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=sequences, attention_mask=attention, position_ids=position_ids, use_cache=False).logits
-
     answer_mask = torch.zeros_like(attention)
     answer_mask[:, width - 1 : -1] = gen_mask  # logits at t predict token t + 1: the generated tokens
-    prompt_loss_mask = torch.cat([left_loss, torch.zeros_like(gen_mask)], dim=-1)
-    log_ppl, _ = log_perplexity(logits, sequences, prompt_loss_mask)
+    prompt_mask = torch.cat([left_loss, torch.zeros_like(gen_mask)], dim=-1)
+    return {"logits": logits, "sequences": sequences, "answer_mask": answer_mask, "prompt_mask": prompt_mask}
+
+
+def pseudo_label_nll(trainer, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the model's own greedy answer (its argmax pseudo-labels): the loss of EATA's Fisher."""
+    out = generate_and_forward(trainer, model, inputs)
+    nll, _ = log_perplexity(out["logits"], out["sequences"], torch.roll(out["answer_mask"], 1, dims=-1))
+    return nll.mean()
+
+
+def entropy_step(
+    trainer, model, inputs: dict[str, torch.Tensor], select: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loss of ``trainer.tlm_args.tlm_objective`` on a batch and per-sample statistics (all detached).
+
+    ``select`` maps the prompts' detached log-perplexities (B,) to a (B,) bool mask of the samples the selector
+    keeps; the others are masked out of the objective (and so get no gradient).
+    """
+    args = trainer.tlm_args
+    out = generate_and_forward(trainer, model, inputs)
+    logits, answer_mask = out["logits"], out["answer_mask"]
+    log_ppl, _ = log_perplexity(logits, out["sequences"], out["prompt_mask"])
     entropy = mean_entropy(logits.detach(), answer_mask)
     keep = select(log_ppl.detach()).to(answer_mask.device)
     answer_mask = answer_mask * keep[:, None].long()

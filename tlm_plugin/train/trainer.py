@@ -14,7 +14,8 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from transformers import Trainer
 from transformers.trainer_utils import PredictionOutput
 
-from tlm_plugin.objectives.step import entropy_step
+from tlm_plugin.objectives.entropy import fisher_penalty
+from tlm_plugin.objectives.step import entropy_step, pseudo_label_nll
 from tlm_plugin.train.loss import log_perplexity, tlm_loss
 
 
@@ -40,6 +41,8 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         self.selector = selector
         self._scoring = False
         self._embed = False
+        self._fisher = None  # EATA's diagonal Fisher and anchor weights, estimated before the first update
+        self._anchor = None
         self.records: dict[int, dict[str, Any]] = {}  # online: per-row score at training time
         self.nonfinite_rows: list[int] = []
         self.backward_rows = 0  # selected rows that went through a backward pass (the paper's "#Backwards")
@@ -76,10 +79,38 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             return selected["w"] > 0
 
         loss, stats = entropy_step(self, model, inputs, select)
+        if self.tlm_args.tlm_eata_fisher_coeff > 0:
+            loss = loss + self._fisher_penalty(model)
         weights = stats["weights"] * (selected["w"] > 0)
         self._record(inputs, stats["log_ppl"], weights, entropy=stats["entropy"])
         self._last_weights = weights
         return loss
+
+    def _fisher_penalty(self, model) -> torch.Tensor:
+        """EATA's beta * sum F (theta - theta0)^2; F and theta0 are taken once, before the first update."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        params = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if self._fisher is None:
+            rows = self.train_dataset.select(
+                range(min(self.tlm_args.tlm_eata_fisher_samples, len(self.train_dataset)))
+            )
+
+            def sample_loss(i: int) -> torch.Tensor:
+                batch = self._prepare_inputs(self.data_collator([rows[i]]))
+                return pseudo_label_nll(self, model, batch)
+
+            self._anchor = {n: p.detach().clone() for n, p in params.items()}
+            # backward() into .grad rather than autograd.grad: the latter cannot see through reentrant
+            # activation checkpointing, which LLaMA-Factory enables by default
+            fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            for i in range(len(rows)):
+                sample_loss(i).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        fisher[n] += p.grad.detach().float().pow(2) / len(rows)
+                        p.grad = None
+            self._fisher = fisher
+        return fisher_penalty(params, self._anchor, self._fisher, self.tlm_args.tlm_eata_fisher_coeff)
 
     def _record(self, inputs, log_ppl: torch.Tensor, weights: torch.Tensor, entropy=None) -> None:
         """Per-row score at training time (online: the score that decided; offline entropy objectives: H(x))."""
