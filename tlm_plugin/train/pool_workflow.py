@@ -99,21 +99,12 @@ def run_pool_selection(trainer, prompts, pool, eval_dataset, score_bs, timings):
 
     if args.do_train:
         start = time.perf_counter()
-        trainer.train_dataset = pool.select(picks).add_column("tlm_weight", weights.tolist())
-        result = trainer.train()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
+        run = trainer.fit(pool.select(picks).add_column("tlm_weight", weights.tolist()))
         trainer.save_model()
-        stats["optimizer_steps"] = trainer.state.global_step
-        _, stats["nonfinite_rows"], stats["backward_rows"], stats["skipped_steps"] = trainer.gathered_online_state()
+        stats.update({k: v for k, v in run.items() if k in stats})
         timings["train_s"] = time.perf_counter() - start
 
-    prediction = None
-    if args.do_predict:
-        start = time.perf_counter()
-        prediction = trainer.predict(eval_dataset, metric_key_prefix="predict", **trainer.generation_kwargs)
-        timings["predict_s"] = time.perf_counter() - start
+    prediction = trainer.predict_prompts(eval_dataset, timings) if args.do_predict else None
     return rows, stats, prediction
 
 

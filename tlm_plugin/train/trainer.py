@@ -4,6 +4,7 @@ Wiring only; the math lives in :mod:`tlm_plugin.train.loss` and the selection in
 """
 
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +179,29 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         if self.tlm_args.tlm_mode == "online":  # the stream is consumed in order
             return torch.utils.data.SequentialSampler(self.train_dataset)
         return super()._get_train_sampler(*args, **kwargs)
+
+    def fit(self, train_dataset, resume_from_checkpoint=None) -> dict[str, Any]:
+        """Train on ``train_dataset``, save metrics and state; return the run statistics merged over ranks."""
+        self.train_dataset = train_dataset
+        result = self.train(resume_from_checkpoint=resume_from_checkpoint)
+        self.log_metrics("train", result.metrics)
+        self.save_metrics("train", result.metrics)
+        self.save_state()
+        records, nonfinite, backward_rows, skipped = self.gathered_online_state()
+        return {
+            "optimizer_steps": self.state.global_step,
+            "backward_rows": backward_rows,
+            "skipped_steps": skipped,
+            "nonfinite_rows": nonfinite,
+            "records": records,
+        }
+
+    def predict_prompts(self, eval_dataset, timings: dict[str, float]) -> PredictionOutput:
+        """Answer ``eval_dataset`` with the current model (LLaMA-Factory's batched generation)."""
+        start = time.perf_counter()
+        prediction = self.predict(eval_dataset, metric_key_prefix="predict", **self.generation_kwargs)
+        timings["predict_s"] = time.perf_counter() - start
+        return prediction
 
     # ------------------------------------------------------------------ scoring
     def score(self, dataset, batch_size: int | None = None, embed: bool = False) -> dict[str, np.ndarray]:

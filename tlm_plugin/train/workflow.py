@@ -140,28 +140,23 @@ def _run_offline(trainer, prompts, eval_dataset, tlm_args, training_args, score_
                 "No prompt is above the perplexity threshold: nothing to learn; the adapter is unchanged."
             )
         else:
-            trainer.train_dataset = prompts.select(selected.tolist()).add_column(
-                "tlm_weight", weights[selected].astype(np.float32).tolist()
+            run = trainer.fit(
+                prompts.select(selected.tolist()).add_column(
+                    "tlm_weight", weights[selected].astype(np.float32).tolist()
+                ),
+                resume_from_checkpoint=training_args.resume_from_checkpoint,
             )
-            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-            trainer.log_metrics("train", result.metrics)
-            trainer.save_metrics("train", result.metrics)
-            trainer.save_state()
-            stats["optimizer_steps"] = trainer.state.global_step
+            stats.update({k: v for k, v in run.items() if k in stats})
+            for row in rows:  # entropy objectives: the objective's own score of each trained row
+                rec = run["records"].get(row["index"], {})
+                if "entropy" in rec:
+                    row.update(
+                        entropy=rec["entropy"], objective_selected=rec["selected"], objective_weight=rec["weight"]
+                    )
         trainer.save_model()
         timings["train_s"] = time.perf_counter() - start
-        records, nonfinite, stats["backward_rows"], stats["skipped_steps"] = trainer.gathered_online_state()
-        stats["nonfinite_rows"] = nonfinite
-        for row in rows:  # entropy objectives: the objective's own score of each trained row
-            if row["index"] in records and "entropy" in records[row["index"]]:
-                rec = records[row["index"]]
-                row.update(entropy=rec["entropy"], objective_selected=rec["selected"], objective_weight=rec["weight"])
 
-    prediction = None
-    if training_args.do_predict:
-        start = time.perf_counter()
-        prediction = trainer.predict(eval_dataset, metric_key_prefix="predict", **trainer.generation_kwargs)
-        timings["predict_s"] = time.perf_counter() - start
+    prediction = trainer.predict_prompts(eval_dataset, timings) if training_args.do_predict else None
     return rows, stats, prediction
 
 
@@ -189,20 +184,18 @@ def _run_online(trainer, prompts, eval_dataset, tlm_args, training_args, timings
 
     stats = {"backward_rows": 0, "optimizer_steps": 0, "skipped_steps": 0, "nonfinite_rows": []}
     start = time.perf_counter()
+    records: dict = {}
     if training_args.do_train:
         trainer.before_step = lambda top_row: predict_through(top_row // chunk)
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        run = trainer.fit(prompts, resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.before_step = None
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
         trainer.save_model()
-        stats["optimizer_steps"] = trainer.state.global_step
+        stats.update({k: v for k, v in run.items() if k in stats})
+        records = run["records"]
     predict_through(n_chunks - 1)  # chunks the loop never reached (or no training at all)
     timings["train_s"] = time.perf_counter() - start - state["predict_s"]
     timings["predict_s"] = state["predict_s"]
 
-    records, stats["nonfinite_rows"], stats["backward_rows"], stats["skipped_steps"] = trainer.gathered_online_state()
     rows = []
     for index in range(n_rows):
         rec = records.get(
