@@ -10,13 +10,22 @@ results.json (``"format": "adapteval-results/1"``)::
      "methods": [{"name", "description"}],
      "cells": [{"dataset", "title", "bench", "method", "metric", "score", "scores", "base_score",
                 "relative_change",                                            # (score - base) / base, or None
+                "diff_vs_base", "diff_ci_low", "diff_ci_high",                # score - base and its paired
+                                                                              # bootstrap CI (adapteval.stats), or None
                 "n", "n_empty", "empty_rows", "log_ppl_before", "log_ppl_after", "n_selected",
                 "backward_passes", "limit", "config_hash", "data_sha256", "timings"}]}
 
 results.csv     one row per cell (the same fields, flat; every metric of the cell's group as ``score_<metric>``)
 results.md      the paper's Table 2/3 layout: rows are datasets grouped by bench, columns are methods, each cell
-                ``score (relative change vs base)``, e.g. ``0.3212 (+31.1%)``
+                ``score (relative change vs base)``, e.g. ``0.3212 (+31.1%)``; then, when the cells have per-row
+                scores, a second table in the same layout with each non-base cell's change vs base and its paired
+                95% bootstrap interval, e.g. ``+0.0762 [+0.0412, +0.1101]``
 results.png     grouped bar chart (``adapteval.plot``)
+
+The change vs base is the mean of per-row differences (``per_sample`` of the cell minus that of the base cell
+of the same dataset, row i with row i); its interval is ``adapteval.stats.paired_bootstrap`` (``CI_RESAMPLES``
+resamples, seed ``CI_SEED``, ``CI_CONFIDENCE``). All three are None when a cell or its base lacks per-row scores,
+or the two were not scored on the same rows (row counts, data_sha256 or limit differ).
 
 Orders are fixed (bench, then registry order of datasets; registry order of methods), so the same cells always give
 byte-identical json, csv and md.
@@ -33,9 +42,14 @@ from adapteval.methods import BASE, METHODS
 from adapteval.metrics import METRICS
 from adapteval.registry import DATASETS
 from adapteval.runner import CELL_FILE, CELLS_DIR
+from adapteval.stats import paired_bootstrap
 
 
 RESULTS_FORMAT = "adapteval-results/1"
+CI_CONFIDENCE = 0.95
+CI_RESAMPLES = 2000
+CI_SEED = 0
+CI_KEYS = ("diff_vs_base", "diff_ci_low", "diff_ci_high")
 BENCH_TITLES = {"domain": "DomainBench", "instruction": "InstructionBench", "reasoning": "ReasoningBench"}
 METRIC_TITLES = {"rougeLsum": "ROUGE-Lsum", "em": "EM"}
 CELL_KEYS = (
@@ -68,6 +82,7 @@ CSV_KEYS = (
     "score",
     "base_score",
     "relative_change",
+    *CI_KEYS,
     "n",
     "n_empty",
     "log_ppl_before",
@@ -121,14 +136,32 @@ def relative_change(score: float | None, base: float | None) -> float | None:
     return (score - base) / base
 
 
+def paired_change(cell: dict, base_cell: dict | None) -> dict[str, float | None]:
+    """``diff_vs_base``, ``diff_ci_low``, ``diff_ci_high`` of ``cell`` vs ``base_cell`` (all None if not paired)."""
+    none = dict.fromkeys(CI_KEYS)
+    if base_cell is None or cell is base_cell or cell["method"] == BASE:
+        return none
+    scores, base_scores = cell.get("per_sample"), base_cell.get("per_sample")
+    if not scores or not base_scores or len(scores) != len(base_scores):
+        return none
+    if cell.get("data_sha256") != base_cell.get("data_sha256") or cell.get("limit") != base_cell.get("limit"):
+        return none  # not the same rows
+    diff, low, high = paired_bootstrap(
+        base_scores, scores, n_resamples=CI_RESAMPLES, seed=CI_SEED, confidence=CI_CONFIDENCE
+    )
+    return dict(zip(CI_KEYS, (diff, low, high)))
+
+
 def build_results(cells: list[dict]) -> dict[str, Any]:
     """The results.json document of ``cells`` (as ``load_cells`` returns them)."""
-    base = {cell["dataset"]: cell["score"] for cell in cells if cell["method"] == BASE}
+    base_cells = {cell["dataset"]: cell for cell in cells if cell["method"] == BASE}
+    base = {name: cell["score"] for name, cell in base_cells.items()}
     rows = []
     for cell in cells:
         row = {key: cell.get(key) for key in CELL_KEYS}
         row["base_score"] = base.get(cell["dataset"])
         row["relative_change"] = relative_change(cell["score"], row["base_score"])
+        row.update(paired_change(cell, base_cells.get(cell["dataset"])))
         rows.append(row)
     methods = method_names(cells)
     descriptions = {cell["method"]: cell.get("method_description", "") for cell in cells}
@@ -141,6 +174,12 @@ def build_results(cells: list[dict]) -> dict[str, Any]:
             "datasets": dataset_names(cells),
             "methods": methods,
             "n_cells": len(cells),
+            "ci": {
+                "method": "paired percentile bootstrap over rows",
+                "confidence": CI_CONFIDENCE,
+                "resamples": CI_RESAMPLES,
+                "seed": CI_SEED,
+            },
         },
         "methods": [{"name": name, "description": descriptions[name]} for name in methods],
         "cells": rows,
@@ -207,7 +246,53 @@ def results_markdown(results: dict[str, Any]) -> str:
             + "; ".join(f"{c['dataset']}/{c['method']}: {c['n_empty']}" for c in empty)
             + ".",
         ]
+    lines += _ci_table(results)
     return "\n".join(lines) + "\n"
+
+
+def format_ci(cell: dict | None) -> str:
+    """``+0.0762 [+0.0412, +0.1101]``, with ``*`` when the interval excludes 0; ``-`` without an interval."""
+    if cell is None or cell.get("diff_vs_base") is None:
+        return "-"
+    diff, low, high = (cell[key] for key in CI_KEYS)
+    mark = "*" if low > 0 or high < 0 else ""
+    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+
+
+def _ci_table(results: dict[str, Any]) -> list[str]:
+    """The change vs base with its paired bootstrap interval, per dataset and non-base method (none: no lines)."""
+    if not any(cell.get("diff_vs_base") is not None for cell in results["cells"]):
+        return []
+    settings = results["settings"]
+    methods = [method for method in settings["methods"] if method != BASE]
+    by_key = {(cell["dataset"], cell["method"]): cell for cell in results["cells"]}
+    ci = settings.get("ci", {})
+    lines = [
+        "",
+        f"## Change vs base, paired {ci.get('confidence', CI_CONFIDENCE) * 100:g}% bootstrap interval",
+        "",
+        "Each cell is the mean per-row difference (method - base, in the headline metric) and its percentile "
+        f"interval over {ci.get('resamples', CI_RESAMPLES)} paired resamples of the rows "
+        f"(seed {ci.get('seed', CI_SEED)}); `*` marks an interval that excludes 0.",
+        "",
+        "| Bench | Dataset | Metric | n | " + " | ".join(methods) + " |",
+        "|---|---|---|---:|" + "---:|" * len(methods),
+    ]
+    bench_of = {cell["dataset"]: cell["bench"] for cell in results["cells"]}
+    shown_bench = None
+    for name in settings["datasets"]:
+        cells = [by_key.get((name, method)) for method in methods]
+        present = [cell for cell in cells if cell is not None]
+        if not present:
+            continue
+        bench = bench_of[name]
+        label = BENCH_TITLES.get(bench, bench) if bench != shown_bench else ""
+        shown_bench = bench
+        metric = METRIC_TITLES.get(present[0]["metric"], present[0]["metric"])
+        lines.append(
+            f"| {label} | {name} | {metric} | {present[0]['n']} | " + " | ".join(map(format_ci, cells)) + " |"
+        )
+    return lines
 
 
 def _average_row(names: list[str], methods: list[str], by_key: dict) -> str:

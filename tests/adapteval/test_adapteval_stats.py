@@ -87,6 +87,8 @@ def test_results_carry_the_paired_interval_of_every_non_base_cell():
     assert (tlm["diff_vs_base"], tlm["diff_ci_low"], tlm["diff_ci_high"]) == pytest.approx((0.1, 0.1, 0.1))
     assert rows[("geography", "tent")]["diff_ci_low"] is None
     assert rows[("medicine", "tlm")]["diff_ci_high"] is None
+    other_rows = build_results([cells[0], {**cells[1], "data_sha256": "another build"}])["cells"][1]
+    assert other_rows["diff_vs_base"] is None
     assert results["settings"]["ci"]["confidence"] == 0.95
 
     header = results_csv(results).splitlines()[0].split(",")
