@@ -15,6 +15,8 @@ cell.json (``"format": "adapteval-cell/1"``)::
      "n", "n_empty", "empty_rows": [row indices],          # empty predictions are scored 0 and listed here
      "per_sample": [headline metric per row],
      "log_ppl_before", "log_ppl_after",                    # mean input log-perplexity (tlm_summary.json), or None
+     "log_ppl_user_before", "log_ppl_user_after",          # the same over the user's own tokens, or None
+     "loss_tokens", "log_p0_used",                         # tlm_loss_tokens and the threshold used, or None
      "n_selected", "backward_passes",                      # from tlm_summary.json, or None
      "limit", "data_file", "data_sha256", "config_hash", "recipe",
      "timings": {"run_s", "score_s", "stages": {...tlm_summary wall_time_s}}, "finished_at"}
@@ -463,6 +465,10 @@ def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str,
         "per_sample": result["per_sample"],
         "log_ppl_before": summary.get("mean_log_ppl_before"),
         "log_ppl_after": summary.get("mean_log_ppl_after"),
+        "log_ppl_user_before": summary.get("mean_log_ppl_user_before"),
+        "log_ppl_user_after": summary.get("mean_log_ppl_user_after"),
+        "loss_tokens": summary.get("loss_tokens"),
+        "log_p0_used": summary.get("log_p0_used"),
         "n_selected": summary.get("n_selected"),
         "backward_passes": summary.get("backward_passes"),
         "limit": cell.limit,

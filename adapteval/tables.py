@@ -12,14 +12,16 @@ results.json (``"format": "adapteval-results/1"``)::
                 "relative_change",                                            # (score - base) / base, or None
                 "diff_vs_base", "diff_ci_low", "diff_ci_high",                # score - base and its paired
                                                                               # bootstrap CI (adapteval.stats), or None
-                "n", "n_empty", "empty_rows", "log_ppl_before", "log_ppl_after", "n_selected",
+                "n", "n_empty", "empty_rows", "log_ppl_before", "log_ppl_after",  # tlm_summary.json means
+                "log_ppl_user_before", "log_ppl_user_after", "loss_tokens", "log_p0_used", "n_selected",
                 "backward_passes", "limit", "config_hash", "data_sha256", "timings"}]}
 
 results.csv     one row per cell (the same fields, flat; every metric of the cell's group as ``score_<metric>``)
 results.md      the paper's Table 2/3 layout: rows are datasets grouped by bench, columns are methods, each cell
                 ``score (relative change vs base)``, e.g. ``0.3212 (+31.1%)``; then, when the cells have per-row
                 scores, a second table in the same layout with each non-base cell's change vs base and its paired
-                95% bootstrap interval, e.g. ``+0.0762 [+0.0412, +0.1101]``
+                95% bootstrap interval, e.g. ``+0.0762 [+0.0412, +0.1101]``; then, for cells that adapted, the
+                mean input log-perplexity before -> after, over the scored tokens and over the user's own tokens
 results.png     grouped bar chart (``adapteval.plot``)
 
 The change vs base is the mean of per-row differences (``per_sample`` of the cell minus that of the base cell
@@ -67,6 +69,10 @@ CELL_KEYS = (
     "empty_rows",
     "log_ppl_before",
     "log_ppl_after",
+    "log_ppl_user_before",
+    "log_ppl_user_after",
+    "loss_tokens",
+    "log_p0_used",
     "n_selected",
     "backward_passes",
     "limit",
@@ -87,6 +93,10 @@ CSV_KEYS = (
     "n_empty",
     "log_ppl_before",
     "log_ppl_after",
+    "log_ppl_user_before",
+    "log_ppl_user_after",
+    "loss_tokens",
+    "log_p0_used",
     "n_selected",
     "backward_passes",
     "run_s",
@@ -247,7 +257,40 @@ def results_markdown(results: dict[str, Any]) -> str:
             + ".",
         ]
     lines += _ci_table(results)
+    lines += _log_ppl_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _arrow(before: float | None, after: float | None) -> str:
+    return "-" if before is None or after is None else f"{before:.3f} → {after:.3f}"
+
+
+def _log_ppl_table(results: dict[str, Any]) -> list[str]:
+    """Mean input log-perplexity before -> after per adapted cell, over its scope and the user's tokens."""
+    cells = [c for c in results["cells"] if c.get("log_ppl_before") is not None and c.get("log_ppl_after") is not None]
+    if not cells:
+        return []
+    lines = [
+        "",
+        "## Input log-perplexity before → after adaptation",
+        "",
+        "Mean over the rows of the log-perplexity TLM scores (`scope`: the whole templated prompt, or the user's "
+        "tokens with `tlm_loss_tokens: user`) and over the user's own tokens only (`user tokens`); "
+        "`selected` = prompts trained on, `log P0` = the threshold used.",
+        "",
+        "| Dataset | Method | scope | scope log-ppl | user-token log-ppl | selected | log P0 |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        p0 = c.get("log_p0_used")
+        lines.append(
+            f"| {c['dataset']} | {c['method']} | {c.get('loss_tokens') or '-'} | "
+            f"{_arrow(c['log_ppl_before'], c['log_ppl_after'])} | "
+            f"{_arrow(c.get('log_ppl_user_before'), c.get('log_ppl_user_after'))} | "
+            f"{'-' if c.get('n_selected') is None else c['n_selected']}/{c['n']} | "
+            f"{'-' if p0 is None else f'{p0:.3f}'} |"
+        )
+    return lines
 
 
 def format_ci(cell: dict | None) -> str:

@@ -65,3 +65,26 @@ def test_user_scope_scores_match_a_direct_computation(tiny_model, tiny_data, tmp
         assert row["log_ppl"] == pytest.approx(float(direct), abs=1e-4)
         full, _ = log_perplexity(model(ids_t).logits.detach(), ids_t, torch.ones_like(ids_t))
         assert abs(row["log_ppl"] - float(full)) > 1e-3  # the scope really changed what is counted
+        assert row["log_ppl_user"] == pytest.approx(row["log_ppl"], abs=1e-6)
+        assert row["log_ppl_user_after"] == pytest.approx(row["log_ppl_after"], abs=1e-6)
+
+
+def test_prompt_scope_run_also_records_the_user_token_log_ppl(tiny_model, tiny_data, tmp_path):
+    """The default scope trains on the whole prompt; the user-token record shows what reached the user's text."""
+    from llamafactory.train.tuner import run_exp
+
+    user_out, prompt_out = tmp_path / "user", tmp_path / "prompt"
+    run_exp(base_recipe(tiny_model, tiny_data, user_out, tlm_loss_tokens="user", do_train=False))
+    run_exp(base_recipe(tiny_model, tiny_data, prompt_out, tlm_selector="all"))
+    user_rows, prompt_rows = read_jsonl(user_out / "tlm_scores.jsonl"), read_jsonl(prompt_out / "tlm_scores.jsonl")
+    for user_row, prompt_row in zip(user_rows, prompt_rows, strict=True):
+        # before adaptation both runs score the same unadapted model over the same user tokens
+        assert prompt_row["log_ppl_user"] == pytest.approx(user_row["log_ppl"], abs=1e-5)
+        assert prompt_row["log_ppl_user"] != pytest.approx(prompt_row["log_ppl"], abs=1e-3)
+        assert prompt_row["log_ppl_user_after"] != pytest.approx(prompt_row["log_ppl_user"], abs=1e-6)
+    summary = json.loads((prompt_out / "tlm_summary.json").read_text())
+    assert summary["loss_tokens"] == "prompt"
+    assert summary["mean_log_ppl_user_before"] == pytest.approx(
+        sum(r["log_ppl_user"] for r in prompt_rows) / len(prompt_rows)
+    )
+    assert summary["mean_log_ppl_user_after"] < summary["mean_log_ppl_user_before"]

@@ -12,7 +12,8 @@ class TLMDataCollator:
     """Pads prompt features; hands features that carry ``labels`` (generation batches) to LLaMA-Factory's collator.
 
     Prompt features: ``input_ids``, ``attention_mask``, ``index``, optionally ``loss_mask`` (the tokens that
-    count, ``tlm_loss_tokens``; default every prompt token) and, for training batches, ``tlm_weight``.
+    count, ``tlm_loss_tokens``; default every prompt token), optionally ``user_mask`` (the user's own tokens, for the
+    ``log_ppl_user`` record) and, for training batches, ``tlm_weight``.
     Padding is always on the right here, whatever the tokenizer's side (generation batches use the tokenizer's,
     which LLaMA-Factory sets to left), so positions need no adjustment in the forward pass.
     """
@@ -28,17 +29,22 @@ class TLMDataCollator:
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
         loss_mask = torch.zeros((len(features), width), dtype=torch.long)
+        user_mask = torch.zeros((len(features), width), dtype=torch.long) if "user_mask" in features[0] else None
         for row, feature in enumerate(features):
             ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
             loss_mask[row, : len(ids)] = torch.as_tensor(feature.get("loss_mask") or [1] * len(ids))
+            if user_mask is not None:
+                user_mask[row, : len(ids)] = torch.as_tensor(feature["user_mask"])
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "loss_mask": loss_mask,
             "index": torch.as_tensor([f["index"] for f in features], dtype=torch.long),
         }
+        if user_mask is not None:
+            batch["user_mask"] = user_mask
         if "tlm_weight" in features[0]:
             batch["tlm_weight"] = torch.as_tensor([f["tlm_weight"] for f in features], dtype=torch.float32)
         return batch

@@ -78,6 +78,9 @@ def run_pool_selection(trainer, prompts, pool, eval_dataset, score_bs, timings):
         {"index": int(i), "n_tokens": int(n), "log_ppl": float(lp)}
         for i, n, lp in zip(prompt_scores["index"], prompt_scores["n_tokens"], prompt_scores["log_ppl"])
     ]
+    if "log_ppl_user" in prompt_scores:
+        for row, lp in zip(rows, prompt_scores["log_ppl_user"].tolist()):
+            row["log_ppl_user"] = lp
 
     if tlm_args.tlm_reset == "prompt":
         return _per_prompt(trainer, prompts, pool, eval_dataset, prompt_emb, pool_emb, rows, stats, timings)

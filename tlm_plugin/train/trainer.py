@@ -208,8 +208,10 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         """One batched no-grad pass of the current model over ``dataset`` (rows sharded across ranks).
 
         Returns arrays ordered by the dataset's ``index`` column and complete on every rank:
-        ``index``, ``n_tokens`` (prompt tokens), ``log_ppl`` and, with ``embed``, ``embedding`` (N, hidden): the
-        last layer's hidden state at the last prompt token, unit-normalised (SIFT's "model" embedding).
+        ``index``, ``n_tokens`` (prompt tokens), ``log_ppl`` (over the ``tlm_loss_tokens`` scope), ``log_ppl_user``
+        (over the user's own tokens, when the prompts carry a ``user_mask``) and, with ``embed``, ``embedding``
+        (N, hidden): the last layer's hidden state at the last prompt token, unit-normalised (SIFT's "model"
+        embedding).
         """
         saved = (self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only)
         self._scoring, self._embed = True, embed
@@ -226,8 +228,10 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         table = table[np.argsort(table[:, 0], kind="stable")]
         result = {"index": table[:, 0].astype(np.int64), "n_tokens": table[:, 1].astype(np.int64)}
         result["log_ppl"] = table[:, 2]
+        if not np.isnan(table[:, 3]).all():
+            result["log_ppl_user"] = table[:, 3]
         if embed:
-            result["embedding"] = table[:, 3:].astype(np.float32)
+            result["embedding"] = table[:, 4:].astype(np.float32)
         return result
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
@@ -242,8 +246,12 @@ class TLMTrainer(CustomSeq2SeqTrainer):
                 output_hidden_states=self._embed,
             )
             log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
+            user = inputs.get("user_mask")
+            log_ppl_user = log_perplexity(outputs.logits, inputs["input_ids"], user)[0] if user is not None else None
         n_tokens = inputs["attention_mask"].sum(-1)
         columns = [inputs["index"].double()[:, None], n_tokens.double()[:, None], log_ppl.double()[:, None]]
+        # the user-token column is always there (NaN without a user mask) so every batch has the same width
+        columns.append(log_ppl_user.double()[:, None] if user is not None else torch.full_like(columns[0], math.nan))
         if self._embed:  # right padding: the last prompt token sits at n_tokens - 1
             last = outputs.hidden_states[-1][torch.arange(len(n_tokens)), n_tokens - 1].double()
             columns.append(torch.nn.functional.normalize(last, dim=-1))

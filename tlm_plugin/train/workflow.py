@@ -5,6 +5,7 @@ the offline or online loop, the records and the predictions.
 """
 
 import copy
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +56,9 @@ def run_tlm(
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="tlm", **tokenizer_module)
     prompts = prompt_dataset(dataset_module["train_dataset"])
     _check_prompts(prompts, template, tokenizer)
-    if tlm_args.tlm_loss_tokens == "user":
-        prompts = with_user_scope(prompts, template, tokenizer, model_args, data_args, training_args)
+    prompts = with_user_scope(
+        prompts, template, tokenizer, model_args, data_args, training_args, required=tlm_args.tlm_loss_tokens == "user"
+    )
     eval_dataset = dataset_module.get("eval_dataset")
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     tokenizer.padding_side = "left"  # generation batches; scoring/training batches are right-padded by the collator
@@ -101,8 +103,10 @@ def run_tlm(
         start = time.perf_counter()
         after = trainer.score(prompts, batch_size=score_bs)
         timings["score_after_s"] = time.perf_counter() - start
-        for row, lp in zip(rows, after["log_ppl"].tolist()):
-            row["log_ppl_after"] = lp
+        for i, row in enumerate(rows):
+            row["log_ppl_after"] = float(after["log_ppl"][i])
+            if "log_ppl_user" in after:
+                row["log_ppl_user_after"] = float(after["log_ppl_user"][i])
 
     if trainer.is_world_process_zero():
         write_records(
@@ -131,6 +135,9 @@ def _run_offline(trainer, prompts, eval_dataset, tlm_args, training_args, score_
         {"index": int(i), "n_tokens": int(n), "log_ppl": float(lp), "selected": bool(w > 0), "weight": float(w)}
         for i, n, lp, w in zip(before["index"], before["n_tokens"], before["log_ppl"], weights)
     ]
+    if "log_ppl_user" in before:
+        for row, lp in zip(rows, before["log_ppl_user"].tolist()):
+            row["log_ppl_user"] = lp
     stats = {"backward_rows": 0, "optimizer_steps": 0, "skipped_steps": 0, "nonfinite_rows": []}
 
     if training_args.do_train:
@@ -245,7 +252,7 @@ def prompt_dataset(dataset: "Dataset") -> "Dataset":
     """
     if dataset is None or len(dataset) == 0:
         raise TLMConfigError("The dataset has no valid prompt (check `dataset` and `dataset_dir`).")
-    keep = {"input_ids", "attention_mask", "loss_mask"}
+    keep = {"input_ids", "attention_mask", "loss_mask", "user_mask"}
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     return dataset.add_column("index", list(range(len(dataset))))
 
@@ -321,6 +328,8 @@ def _summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) ->
         "mean_log_ppl_after": mean([r["log_ppl_after"] for r in rows]),
         "mean_log_ppl_before_selected": mean([r["log_ppl"] for r in selected]),
         "mean_log_ppl_after_selected": mean([r["log_ppl_after"] for r in selected]),
+        "mean_log_ppl_user_before": mean([r.get("log_ppl_user", math.nan) for r in rows]),
+        "mean_log_ppl_user_after": mean([r.get("log_ppl_user_after", math.nan) for r in rows]),
         "backward_passes": stats["backward_rows"],
         "optimizer_steps": stats["optimizer_steps"],
         "skipped_steps": stats["skipped_steps"],
