@@ -285,6 +285,7 @@ def run_cli(name: str, recipe: dict, work: Path, env: dict[str, str], use_time: 
                 "n_selected": summary["n_selected"],
                 "backward_passes": summary["backward_passes"],
                 "optimizer_steps": summary["optimizer_steps"],
+                "shared_prefix_tokens": summary.get("score_shared_prefix_tokens"),
                 "scores": read_jsonl(output_dir / "tlm_scores.jsonl"),
             }
         )
@@ -367,6 +368,7 @@ def print_table(runs: dict[str, dict]) -> None:
         ("prompts trained on (steps)", "optimizer_steps", "d"),
         ("backward passes", "backward_passes", "d"),
         ("training tokens (tokens seen)", "tokens_seen", "d"),
+        ("scoring: shared prefix, tokens", "shared_prefix_tokens", "d"),
         ("score before, s", "score_before_s", ".2f"),
         ("train, s (tlm: train_s)", "train_s", ".2f"),
         ("train_runtime (HF), s", "train_runtime_s", ".2f"),

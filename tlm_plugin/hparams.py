@@ -153,6 +153,16 @@ class TLMArguments:
         },
     )
 
+    tlm_score_prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "In the scoring passes, run the tokens that every prompt starts with (chat template, system "
+            "prompt, role header, a fixed instruction) through the model once and reuse their key/value cache for "
+            "every batch. Exact up to float rounding (checked against a full forward on the first batch); false "
+            "scores every prompt with a full forward."
+        },
+    )
+
     def __post_init__(self) -> None:
         from tlm_plugin.selectors import SELECTORS
 

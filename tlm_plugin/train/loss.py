@@ -26,7 +26,20 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Te
     nll = torch.stack(
         [F.cross_entropy(logits[b, :-1, :].float(), shift_ids[b], reduction="none") for b in range(logits.size(0))]
     )
-    return nll * loss_mask[:, 1:].to(nll.dtype)
+    return _masked(nll, loss_mask)
+
+
+def _masked(nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``nll`` (B, T-1) with the positions outside ``loss_mask[:, 1:]`` set to exactly 0 (even where nll is NaN)."""
+    keep = loss_mask[:, 1:].bool()
+    return torch.where(keep, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
+
+
+def masked_log_perplexity(nll: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`log_perplexity` from per-position NLLs (B, T-1) already computed (e.g. with a shared prefix)."""
+    nll = _masked(nll, loss_mask)
+    n_predicted = loss_mask[:, 1:].sum(dim=-1).to(nll.dtype)
+    return nll.sum(dim=-1) / n_predicted.clamp(min=1), n_predicted
 
 
 def log_perplexity(
@@ -38,9 +51,7 @@ def log_perplexity(
         ``(log_ppl, n_predicted)``: both (B,); ``log_ppl`` keeps the graph of ``logits``. A sample with no
         predicted token (a prompt of one token) gets log_ppl 0 and n_predicted 0.
     """
-    nll = token_nll(logits, input_ids, loss_mask)
-    n_predicted = loss_mask[:, 1:].sum(dim=-1).to(nll.dtype)
-    return nll.sum(dim=-1) / n_predicted.clamp(min=1), n_predicted
+    return masked_log_perplexity(token_nll(logits, input_ids, loss_mask), loss_mask)
 
 
 def selection_score(log_ppl: torch.Tensor, lam: float, log_p0: float) -> torch.Tensor:

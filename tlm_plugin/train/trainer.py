@@ -11,18 +11,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from llamafactory.extras import logging
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from transformers import Trainer
 from transformers.trainer_utils import PredictionOutput
 
 from tlm_plugin.objectives.entropy import fisher_penalty
 from tlm_plugin.objectives.step import entropy_step, pseudo_label_nll
-from tlm_plugin.train.loss import log_perplexity, tlm_loss
+from tlm_plugin.train.loss import log_perplexity, masked_log_perplexity, tlm_loss, token_nll
+from tlm_plugin.train.prefix import MIN_PREFIX_TOKENS, SharedPrefix, agrees, common_prefix_length, tolerance
 
 
 if TYPE_CHECKING:
     from tlm_plugin.hparams import TLMArguments
     from tlm_plugin.selectors import Selector
+
+
+logger = logging.get_logger(__name__)
 
 
 class TLMTrainer(CustomSeq2SeqTrainer):
@@ -42,6 +47,8 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         self.selector = selector
         self._scoring = False
         self._embed = False
+        self._prefix: dict[str, Any] | None = None  # scoring: the prompts' shared prefix (tlm_plugin.train.prefix)
+        self.score_prefix_tokens = 0  # length of the shared prefix the last scoring pass used (0: none)
         self._fisher = None  # EATA's diagonal Fisher and anchor weights, estimated before the first update
         self._anchor = None
         self.records: dict[int, dict[str, Any]] = {}  # online: per-row score at training time
@@ -215,6 +222,12 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         """
         saved = (self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only)
         self._scoring, self._embed = True, embed
+        self._prefix = None
+        if self.tlm_args.tlm_score_prefix_cache:
+            length = common_prefix_length(dataset["input_ids"])
+            if length >= MIN_PREFIX_TOKENS:
+                ids = [int(t) for t in dataset[0]["input_ids"][:length]]
+                self._prefix = {"ids": ids, "shared": None, "checked": False, "off": False}
         self.compute_metrics = None
         self.args.prediction_loss_only = False
         if batch_size is not None:
@@ -222,7 +235,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         try:
             output = Trainer.predict(self, dataset, metric_key_prefix="tlm_score")  # not Seq2Seq: keeps _gen_kwargs
         finally:
-            self._scoring, self._embed = False, False
+            self._scoring, self._embed, self._prefix = False, False, None
             self.args.per_device_eval_batch_size, self.compute_metrics, self.args.prediction_loss_only = saved
         table = np.asarray(output.predictions, dtype=np.float64)
         table = table[np.argsort(table[:, 0], kind="stable")]
@@ -239,23 +252,60 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            outputs = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                use_cache=False,
-                output_hidden_states=self._embed,
-            )
-            log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
+            nll, outputs, offset = self._score_forward(model, inputs["input_ids"], inputs["attention_mask"])
+            log_ppl, _ = masked_log_perplexity(nll, inputs["loss_mask"])
             user = inputs.get("user_mask")
-            log_ppl_user = log_perplexity(outputs.logits, inputs["input_ids"], user)[0] if user is not None else None
+            log_ppl_user = masked_log_perplexity(nll, user)[0] if user is not None else None
         n_tokens = inputs["attention_mask"].sum(-1)
         columns = [inputs["index"].double()[:, None], n_tokens.double()[:, None], log_ppl.double()[:, None]]
         # the user-token column is always there (NaN without a user mask) so every batch has the same width
         columns.append(log_ppl_user.double()[:, None] if user is not None else torch.full_like(columns[0], math.nan))
-        if self._embed:  # right padding: the last prompt token sits at n_tokens - 1
-            last = outputs.hidden_states[-1][torch.arange(len(n_tokens)), n_tokens - 1].double()
+        if self._embed:  # right padding: the last prompt token sits at n_tokens - 1 (offset: the shared prefix)
+            last = outputs.hidden_states[-1][torch.arange(len(n_tokens)), n_tokens - 1 - offset].double()
             columns.append(torch.nn.functional.normalize(last, dim=-1))
         return None, torch.cat(columns, dim=-1), None
+
+    def _score_forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Per-position NLLs (B, T-1, zero on padding), the outputs and the position offset of those outputs.
+
+        With a shared prefix (:mod:`tlm_plugin.train.prefix`) the outputs cover only the tokens after it; the first
+        batch is checked against a full forward of its first row.
+        """
+        state = self._prefix
+        if state is not None and not state["off"]:
+            if state["shared"] is None:
+                state["shared"] = SharedPrefix.build(model, state["ids"], input_ids.device)
+                if state["shared"] is None:
+                    state["off"] = True
+                    logger.info_rank0("Scoring without a shared prefix: the model's cache cannot be shared.")
+            shared = state["shared"]
+            if shared is not None:
+                nll, outputs = shared.forward(model, input_ids, attention_mask, self._embed)
+                nll = torch.where(
+                    attention_mask[:, 1:].bool(), nll, torch.zeros((), dtype=nll.dtype, device=nll.device)
+                )
+                if not state["checked"]:
+                    state["checked"] = True
+                    n = int(attention_mask[0].sum())
+                    full, _, _ = self._full_forward(model, input_ids[:1, :n], attention_mask[:1, :n])
+                    via_prefix, direct = float(nll[0].sum() / (n - 1)), float(full[0].sum() / (n - 1))
+                    dtype = outputs.logits.dtype
+                    if not agrees(via_prefix, direct, dtype):
+                        state["off"] = True
+                        logger.warning_rank0(
+                            f"Scoring with a shared prefix disagrees with a full forward ({via_prefix:.6f} vs "
+                            f"{direct:.6f}, tolerance {tolerance(dtype):g}); scoring with full forwards instead."
+                        )
+                if not state["off"]:
+                    self.score_prefix_tokens = shared.length
+                    return nll, outputs, shared.length
+        return self._full_forward(model, input_ids, attention_mask)
+
+    def _full_forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        outputs = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=self._embed
+        )
+        return token_nll(outputs.logits, input_ids, attention_mask), outputs, 0
 
     # ------------------------------------------------------------------ online bookkeeping
     def gathered_online_state(self) -> tuple[dict[int, dict[str, Any]], list[int], int, int]:

@@ -112,7 +112,15 @@ def run_tlm(
         write_records(
             training_args.output_dir,
             rows,
-            _summary(rows, stats, tlm_args, training_args, timings, getattr(trainer.selector, "log_p0_used", None)),
+            _summary(
+                rows,
+                stats,
+                tlm_args,
+                training_args,
+                timings,
+                getattr(trainer.selector, "log_p0_used", None),
+                trainer.score_prefix_tokens,
+            ),
         )
         if training_args.do_train and finetuning_args.plot_loss:
             plot_loss(training_args.output_dir, keys=["loss"])
@@ -306,7 +314,7 @@ def _check_training_args(training_args, data_args, tlm_args: "TLMArguments") -> 
             raise TLMConfigError("tlm_reset: chunk is not supported with DeepSpeed (optimizer state is partitioned).")
 
 
-def _summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> dict[str, Any]:
+def _summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None, score_prefix_tokens=0) -> dict[str, Any]:
     import llamafactory
 
     import tlm_plugin
@@ -334,6 +342,7 @@ def _summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) ->
         "optimizer_steps": stats["optimizer_steps"],
         "skipped_steps": stats["skipped_steps"],
         "nonfinite_rows": stats["nonfinite_rows"],
+        "score_shared_prefix_tokens": score_prefix_tokens,
         "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         "world_size": training_args.world_size,
         "versions": {"llamafactory_tlm": tlm_plugin.__version__, "llamafactory": llamafactory.__version__},
