@@ -109,7 +109,13 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="[METHOD:]KEY=VALUE",
         help="recipe value for every cell, or with METHOD: for that method's cells (repeatable)",
     )
-    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend (default hf)")
+    parser.add_argument(
+        "--backend",
+        default="hf",
+        choices=("hf", "vllm"),
+        help="how answers are generated: hf (default, batched in the llamafactory-cli run) or vllm (GPUs: base and "
+        "offline cells adapt, then answer on LLaMA-Factory's vLLM engine with the adapter; online cells keep hf)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun cells even when a finished cell.json exists")
     parser.set_defaults(handler=run_run)
 
@@ -121,6 +127,7 @@ def run_run(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, cell: dict, cached: bool) -> None:
         timing = "cached" if cached else f"{cell['timings'].get('run_s', 0.0):.1f}s"
         empty = f", {cell['n_empty']} empty" if cell["n_empty"] else ""
+        empty += ", vllm" if cell.get("backend") == "vllm" else ""
         print(
             f"[{done}/{total}] {cell['dataset']:<16} {cell['method']:<12} {cell['metric']} {cell['score']:.4f} "
             f"(n={cell['n']}{empty}) {timing}",

@@ -3,6 +3,7 @@
 A cell lives in ``<out>/cells/<dataset>/<method>/``::
 
     recipe.yaml    the exact recipe run (``llamafactory-cli train recipe.yaml`` reproduces the cell)
+    predict.yaml   with ``--backend vllm``: the inference arguments of the vLLM predict step (adapteval.vllm_predict)
     run.log        stdout and stderr of that run
     data/          with a row limit: the first N rows of the dataset and a dataset_info.json for them
     output/        LLaMA-Factory's output_dir (adapter, generated_predictions.jsonl, tlm_summary.json, ...)
@@ -10,7 +11,7 @@ A cell lives in ``<out>/cells/<dataset>/<method>/``::
 
 cell.json (``"format": "adapteval-cell/1"``)::
 
-    {"dataset", "title", "bench", "method", "method_description",
+    {"dataset", "title", "bench", "method", "method_description", "backend",   # "hf" or "vllm"
      "metric", "score", "scores": {metric: value},          # headline metric and its group (adapteval.metrics)
      "n", "n_empty", "empty_rows": [row indices],          # empty predictions are scored 0 and listed here
      "per_sample": [headline metric per row],
@@ -115,6 +116,7 @@ class Cell:
     data_sha256: str
     limit: int | None
     config_hash: str
+    backend: str = "hf"  # how its predictions are generated: "hf" (in the training run) or "vllm" (a step after)
 
     @property
     def name(self) -> str:
@@ -142,12 +144,16 @@ def run(
     force: bool = False,
     progress: Progress | None = None,
     launcher: Launcher | None = None,
+    predictor: Launcher | None = None,
 ) -> list[dict]:
     """Run (or reuse) every cell of ``bench`` x ``methods`` into ``out``; returns the cells' records, in order.
 
     ``data_dir`` is an already built AdaptEval folder (dataset_info.json + manifest.json); without it the datasets
     are built into ``<out>/data`` (from the hub, or ``offline`` from packages and ``fixed_dir``).
     ``overrides`` are ``key=value`` (every cell) or ``method:key=value`` (that method's cells) recipe values.
+    ``backend="vllm"``: cells that adapt before answering (base and every offline method) train with
+    ``do_predict: false``, then answer in a second step on LLaMA-Factory's vLLM engine (``adapteval.vllm_predict``,
+    run by ``predictor``); online and per-prompt cells answer in between updates and keep HF generation.
     """
     check_backend(backend)
     if limit is not None and limit < 1:
@@ -161,7 +167,15 @@ def run(
 
     cells = [
         plan_cell(
-            out, name, method, base, {**everywhere, **per_method.get(method.name, {})}, data_dir, dataset_info, limit
+            out,
+            name,
+            method,
+            base,
+            {**everywhere, **per_method.get(method.name, {})},
+            data_dir,
+            dataset_info,
+            limit,
+            backend,
         )
         for name in names
         for method in method_list
@@ -174,7 +188,7 @@ def run(
         record = None if force else _cached(cell)  # after _check_cache: None, or a record of this config
         cached = record is not None
         if not cached:
-            record = run_cell(cell, launcher or launch_llamafactory, env)
+            record = run_cell(cell, launcher or launch_llamafactory, env, predictor or launch_vllm_predict)
         records.append(record)
         if progress is not None:
             progress(done, len(cells), record, cached)
@@ -182,20 +196,28 @@ def run(
 
 
 def check_backend(backend: str) -> None:
-    """``hf`` is the only generation backend of ``llamafactory-cli train``; say why ``vllm`` cannot be used."""
+    """``hf``: generation inside each ``llamafactory-cli train`` run; ``vllm`` needs the vllm package."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "hf":
         return
+    if not vllm_installed():
+        raise ValueError(
+            "--backend vllm needs the vllm package, which is not installed in this environment: install the "
+            "version LLaMA-Factory supports (pip install 'vllm>=0.4.3,<=0.11.0', NVIDIA GPUs), or use --backend hf."
+        )
+
+
+def vllm_installed() -> bool:
     import importlib.util
 
-    installed = importlib.util.find_spec("vllm") is not None
-    why = "vllm is not installed" if not installed else "LLaMA-Factory refuses it in `llamafactory-cli train`"
-    raise ValueError(
-        f"vLLM is not available here ({why}): every AdaptEval cell, base included, runs `llamafactory-cli train` "
-        "with stage tlm, and LLaMA-Factory 0.9.5 only accepts infer_backend: vllm in its API, chat and web "
-        "commands, not in training/prediction runs. Use --backend hf."
-    )
+    return importlib.util.find_spec("vllm") is not None
+
+
+def predicts_separately(recipe: Mapping[str, Any]) -> bool:
+    """Whether a cell's answers can come after its adaptation (offline), not in between updates (online, per
+    prompt)."""
+    return recipe.get("tlm_mode", "offline") != "online" and recipe.get("tlm_reset", "never") != "prompt"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,6 +333,7 @@ def plan_cell(
     data_dir: Path,
     dataset_info: dict[str, Any],
     limit: int | None,
+    backend: str = "hf",
 ) -> Cell:
     if dataset not in dataset_info:
         raise DataUnavailableError(f"{dataset} has no entry in {data_dir}/{DATASET_INFO}")
@@ -322,6 +345,7 @@ def plan_cell(
     recipe.setdefault("learning_rate", PAPER_LEARNING_RATES[get_dataset(dataset).SPEC.bench])
     recipe = {**method.apply(recipe), **overrides, "dataset": dataset}
     data_sha256 = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    backend = backend if predicts_separately(recipe) else "hf"
     identity = {
         "format": CELL_FORMAT,
         "recipe": {k: v for k, v in recipe.items() if k not in UNHASHED_KEYS},
@@ -329,6 +353,8 @@ def plan_cell(
         "data_sha256": data_sha256,
         "limit": limit,
     }
+    if backend != "hf":  # other answers; HF cells keep the hash they had before backends existed
+        identity["backend"] = backend
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Cell(
         dataset=dataset,
@@ -340,6 +366,7 @@ def plan_cell(
         data_sha256=data_sha256,
         limit=limit,
         config_hash=config_hash,
+        backend=backend,
     )
 
 
@@ -375,8 +402,12 @@ def _check_cache(cells: list[Cell], force: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_cell(cell: Cell, launcher: Launcher, env: Mapping[str, str]) -> dict:
-    """Write the cell's inputs, run it, score it and write cell.json (atomically, only once complete)."""
+def run_cell(cell: Cell, launcher: Launcher, env: Mapping[str, str], predictor: Launcher | None = None) -> dict:
+    """Write the cell's inputs, run it, score it and write cell.json (atomically, only once complete).
+
+    A ``vllm`` cell runs ``launcher`` only to adapt (``do_predict: false``; not at all when the method does not
+    train) and then ``predictor`` on ``predict.yaml`` (``adapteval.vllm_predict``), both logging to run.log.
+    """
     cell.dir.mkdir(parents=True, exist_ok=True)
     for stale in (cell.dir / CELL_FILE, cell.dir / "output", cell.dir / "data"):
         if stale.is_dir():
@@ -391,23 +422,49 @@ def run_cell(cell: Cell, launcher: Launcher, env: Mapping[str, str]) -> dict:
 
     output_dir = cell.dir / "output"
     recipe = {**cell.recipe, "dataset_dir": str(dataset_dir.resolve()), "output_dir": str(output_dir.resolve())}
+    if cell.backend == "vllm":
+        recipe["do_predict"] = False
     recipe_path = cell.dir / "recipe.yaml"
     header = f"# llamafactory-cli train {recipe_path}\n# AdaptEval cell {cell.name} (config {cell.config_hash})\n"
     recipe_path.write_text(header + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
     log_path = cell.dir / "run.log"
+    log_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    code = launcher(recipe_path, log_path, env)
+    if cell.backend != "vllm" or recipe.get("do_train", True):
+        code = launcher(recipe_path, log_path, env)
+        if code != 0:
+            raise RunnerError(
+                f"cell {cell.name}: llamafactory-cli exited with status {code}; log {log_path}, last lines:\n"
+                + log_tail(log_path)
+            )
+    if cell.backend == "vllm":
+        _predict_with_vllm(cell, recipe, output_dir, log_path, env, predictor or launch_vllm_predict)
     run_s = time.perf_counter() - start
-    if code != 0:
-        raise RunnerError(
-            f"cell {cell.name}: llamafactory-cli exited with status {code}; log {log_path}, last lines:\n"
-            + log_tail(log_path)
-        )
     record = score_cell(cell, rows, output_dir, recipe)
     record["timings"]["run_s"] = round(run_s, 3)
     _write_json_atomic(cell.dir / CELL_FILE, record)
     return record
+
+
+def _predict_with_vllm(
+    cell: Cell, recipe: dict[str, Any], output_dir: Path, log_path: Path, env: Mapping[str, str], predictor: Launcher
+) -> None:
+    from adapteval.vllm_predict import PREDICTIONS_KEY, inference_args
+
+    adapter = output_dir if recipe.get("do_train", True) else None
+    if adapter is not None and not (output_dir / "adapter_config.json").is_file():
+        raise RunnerError(f"cell {cell.name}: the training run saved no LoRA adapter in {output_dir}")
+    args = {**inference_args(recipe, adapter), PREDICTIONS_KEY: str((output_dir / PREDICTIONS).resolve())}
+    predict_path = cell.dir / "predict.yaml"
+    header = f"# python -m adapteval.vllm_predict {predict_path}\n# AdaptEval cell {cell.name}: answers with vLLM\n"
+    predict_path.write_text(header + yaml.safe_dump(args, sort_keys=False), encoding="utf-8")
+    code = predictor(predict_path, log_path, env)
+    if code != 0:
+        raise RunnerError(
+            f"cell {cell.name}: the vLLM predict step exited with status {code}; log {log_path}, last lines:\n"
+            + log_tail(log_path)
+        )
 
 
 def write_limited_copy(cell: Cell, rows: list[dict]) -> Path:
@@ -456,6 +513,7 @@ def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str,
         "bench": spec.bench,
         "method": cell.method.name,
         "method_description": cell.method.description,
+        "backend": cell.backend,
         "metric": result["metric"],
         "score": result["score"],
         "scores": result["scores"],
@@ -504,6 +562,15 @@ def launch_llamafactory(recipe_path: Path, log_path: Path, env: Mapping[str, str
         return subprocess.run(
             [cli, "train", str(recipe_path)], stdout=log, stderr=subprocess.STDOUT, env=dict(env)
         ).returncode
+
+
+def launch_vllm_predict(predict_path: Path, log_path: Path, env: Mapping[str, str]) -> int:
+    """``python -m adapteval.vllm_predict predict.yaml``, appending to ``log_path``; returns the exit code."""
+    command = [sys.executable, "-m", "adapteval.vllm_predict", str(predict_path)]
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=dict(env)).returncode
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
