@@ -76,17 +76,23 @@ def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tiny_data, t
 
 
 def test_nearest_spends_its_budget_on_duplicates_sift_does_not(tiny_model, tmp_path):
-    rows = [{"instruction": QUESTIONS[0][0], "input": "", "output": "x"}] * 6
-    rows += [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS[1:]]
-    data = write_dataset(tmp_path / "data", rows)
+    # a pool holding the first question six times, then the other questions once
+    pool = [{"instruction": QUESTIONS[0][0], "input": "", "output": "x"}] * 6
+    pool += [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS[1:]]
     picks = {}
-    for selector in ("nearest", "sift"):
+    for selector, n_targets in (("nearest", 1), ("sift", 4)):
+        data = tmp_path / f"data-{selector}"
+        write_dataset(data, [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS[:n_targets]])
+        write_dataset(data, pool, name="pool")
         out = tmp_path / selector
-        run_in_process(base_recipe(tiny_model, data, out, tlm_selector=selector, tlm_sift_budget=6, do_train=False))
+        recipe = base_recipe(tiny_model, data, out, tlm_selector=selector, tlm_sift_budget=6)
+        run_in_process({**recipe, "tlm_pool_dataset": "pool", "do_train": False})
         picks[selector] = read_jsonl(out / "tlm_sift_selection.jsonl")[0]["picks"]
-    # targets = all 17 prompts, 6 of them identical: nearest keeps taking the identical rows
-    assert sum(i < 6 for i in picks["nearest"]) > sum(i < 6 for i in picks["sift"])
+    # nearest: the six copies of the target are its six nearest rows, so it takes all of them (and nothing else)
+    assert sorted(picks["nearest"]) == list(range(6))
+    # SIFT with four targets: a second copy of the first question teaches nothing new; it covers every target
     assert sum(i < 6 for i in picks["sift"]) <= 2
+    assert {6, 7, 8} <= set(picks["sift"])  # pool rows of questions 2-4
 
 
 def test_pool_dataset_and_sentence_encoder(tiny_model, tiny_data, tmp_path):
