@@ -1,4 +1,4 @@
-# Run: .venv/bin/python bench/bench_tlm.py [--n 24] [--out DIR] [--json PATH]   (a few minutes on 2 CPU cores)
+# Run: .venv/bin/python bench/bench_tlm.py [--n 24] [--repeat 3] [--out DIR] [--json PATH]   (a few minutes on 2 CPU cores)
 """Times ``stage: tlm`` against a plain LLaMA-Factory LoRA run, all three through ``llamafactory-cli train``.
 
 On the demo model (SmolLM2-135M-Instruct, fp32, CPU) and the demo prompts:
@@ -515,22 +515,60 @@ def report(result: dict) -> None:
         )
 
 
+def median_runs(results: list[dict]) -> dict[str, dict]:
+    """Per run and numeric quantity, the median over repeats (the other fields of the first repeat)."""
+    runs: dict[str, dict] = {}
+    for name, first in results[0]["runs"].items():
+        merged = dict(first)
+        for key, value in first.items():
+            values = [r["runs"][name].get(key) for r in results]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and None not in values:
+                merged[key] = statistics.median(values)
+        runs[name] = merged
+    return runs
+
+
+def combine(results: list[dict]) -> dict:
+    """Several repeats as one result: median quantities, ratios of the medians, and every repeat's own ratios."""
+    if len(results) == 1:
+        return results[0]
+    runs = median_runs(results)
+    combined = {**results[0], "runs": runs, "ratios": ratios(runs), "repeats": results}
+    combined["load_average_end"] = results[-1]["load_average_end"]
+    return combined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=24, help="number of demo prompts (default 24)")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the three runs this many times; report medians (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error("--n must be at least 2")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     work = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="bench_tlm-"))
     work.mkdir(parents=True, exist_ok=True)
+    results = []
     try:
-        result = benchmark(args.n, work)
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                print(f"\n--- repeat {i + 1}/{args.repeat}")
+            results.append(benchmark(args.n, work / f"repeat{i + 1}" if args.repeat > 1 else work))
     except RunFailed as err:
         print(f"\nRUN FAILED: {err}\n(work dir kept for inspection: {work})", file=sys.stderr)
         return 1
+    result = combine(results)
+    if args.repeat > 1:
+        print(f"\n=== medians over {args.repeat} repeats")
+        for name in result["ratios"]:
+            each = ", ".join(f"{r['ratios'][name]['ratio']:.3f}" for r in results)
+            print(f"{name:<26} per repeat: {each}")
     report(result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ the user role header and often a fixed instruction. A scoring pass (the no-grad 
 log-perplexity) runs that prefix once, keeps its key/value cache and, for every batch, runs only the tokens after
 it. With causal attention the prefix's hidden states do not depend on what follows, so the per-token NLLs are those
 of a full forward up to floating-point rounding; the first batch of every pass is checked against a full forward of
-one row and the pass falls back to full forwards if the two disagree (or the model's cache is not a plain
+the start of one row (the prefix and the next ``CHECK_SUFFIX_TOKENS`` tokens) and the pass falls back to full forwards if the two disagree (or the model's cache is not a plain
 :class:`transformers.DynamicCache`, e.g. sliding-window layers).
 """
 
@@ -23,6 +23,7 @@ from tlm_plugin.train.loss import token_nll
 logger = logging.get_logger(__name__)
 
 MIN_PREFIX_TOKENS = 4  # below this the bookkeeping costs more than the forward it saves
+CHECK_SUFFIX_TOKENS = 16  # the check's full forward covers the prefix and this many tokens after it
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # |log_ppl difference|, nats; half dtypes: 5e-2
 HALF_TOLERANCE = 5e-2
 

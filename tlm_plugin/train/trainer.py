@@ -19,7 +19,14 @@ from transformers.trainer_utils import PredictionOutput
 from tlm_plugin.objectives.entropy import fisher_penalty
 from tlm_plugin.objectives.step import entropy_step, pseudo_label_nll
 from tlm_plugin.train.loss import log_perplexity, masked_log_perplexity, tlm_loss, token_nll
-from tlm_plugin.train.prefix import MIN_PREFIX_TOKENS, SharedPrefix, agrees, common_prefix_length, tolerance
+from tlm_plugin.train.prefix import (
+    CHECK_SUFFIX_TOKENS,
+    MIN_PREFIX_TOKENS,
+    SharedPrefix,
+    agrees,
+    common_prefix_length,
+    tolerance,
+)
 
 
 if TYPE_CHECKING:
@@ -284,11 +291,11 @@ class TLMTrainer(CustomSeq2SeqTrainer):
                 nll = torch.where(
                     attention_mask[:, 1:].bool(), nll, torch.zeros((), dtype=nll.dtype, device=nll.device)
                 )
-                if not state["checked"]:
+                if not state["checked"]:  # causal: the first tokens of a row suffice to compare the two paths
                     state["checked"] = True
-                    n = int(attention_mask[0].sum())
+                    n = min(int(attention_mask[0].sum()), shared.length + CHECK_SUFFIX_TOKENS)
                     full, _, _ = self._full_forward(model, input_ids[:1, :n], attention_mask[:1, :n])
-                    via_prefix, direct = float(nll[0].sum() / (n - 1)), float(full[0].sum() / (n - 1))
+                    via_prefix, direct = float(nll[0, : n - 1].sum() / (n - 1)), float(full[0].sum() / (n - 1))
                     dtype = outputs.logits.dtype
                     if not agrees(via_prefix, direct, dtype):
                         state["off"] = True
