@@ -16,7 +16,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     metric = {cell["dataset"]: cell["metric"] for cell in results["cells"]}
     width = 0.8 / max(len(methods), 1)
 
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(datasets) * max(len(methods), 1) * 0.6 + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 0.7 * len(datasets) * max(len(methods), 1) * 0.6 + 2)), 4.0))
     for offset, method in enumerate(methods):
         xs = [i + (offset - (len(methods) - 1) / 2) * width for i in range(len(datasets))]
         heights = [score.get((name, method)) or 0.0 for name in datasets]
