@@ -26,10 +26,10 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Te
     nll = torch.stack(
         [F.cross_entropy(logits[b, :-1, :].float(), shift_ids[b], reduction="none") for b in range(logits.size(0))]
     )
-    return _masked(nll, loss_mask)
+    return masked_nll(nll, loss_mask)
 
 
-def _masked(nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def masked_nll(nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """``nll`` (B, T-1) with the positions outside ``loss_mask[:, 1:]`` set to exactly 0 (even where nll is NaN)."""
     keep = loss_mask[:, 1:].bool()
     return torch.where(keep, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
@@ -37,7 +37,7 @@ def _masked(nll: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
 
 def masked_log_perplexity(nll: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`log_perplexity` from per-position NLLs (B, T-1) already computed (e.g. with a shared prefix)."""
-    nll = _masked(nll, loss_mask)
+    nll = masked_nll(nll, loss_mask)
     n_predicted = loss_mask[:, 1:].sum(dim=-1).to(nll.dtype)
     return nll.sum(dim=-1) / n_predicted.clamp(min=1), n_predicted
 

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PredictionOutput
 
 from tlm_plugin.objectives.entropy import fisher_penalty
 from tlm_plugin.objectives.step import entropy_step, pseudo_label_nll
-from tlm_plugin.train.loss import log_perplexity, masked_log_perplexity, tlm_loss, token_nll
+from tlm_plugin.train.loss import log_perplexity, masked_log_perplexity, masked_nll, tlm_loss, token_nll
 from tlm_plugin.train.prefix import (
     CHECK_SUFFIX_TOKENS,
     MIN_PREFIX_TOKENS,
@@ -288,9 +288,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             shared = state["shared"]
             if shared is not None:
                 nll, outputs = shared.forward(model, input_ids, attention_mask, self._embed)
-                nll = torch.where(
-                    attention_mask[:, 1:].bool(), nll, torch.zeros((), dtype=nll.dtype, device=nll.device)
-                )
+                nll = masked_nll(nll, attention_mask)  # padding positions: exactly 0
                 if not state["checked"]:  # causal: the first tokens of a row suffice to compare the two paths
                     state["checked"] = True
                     n = min(int(attention_mask[0].sum()), shared.length + CHECK_SUFFIX_TOKENS)
