@@ -44,7 +44,7 @@ def run_recipe(recipe: Path, overrides: dict, log_path: Path) -> float:
 
 
 def answer_scores(output_dir: Path) -> dict[str, float]:
-    from adapteval.metrics import rouge_per_sample
+    from tlm_plugin.metrics import rouge_per_sample
 
     rows = [json.loads(line) for line in (output_dir / "generated_predictions.jsonl").read_text().splitlines()]
     scores = rouge_per_sample([r["predict"] for r in rows], [r["label"] for r in rows])

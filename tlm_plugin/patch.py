@@ -1,10 +1,13 @@
-"""The only place that touches LLaMA-Factory's internals.
+"""The hook into LLaMA-Factory's tuner: ``stage: tlm`` runs the TLM workflow, every other stage runs untouched.
 
 "Parse as sft, run as tlm": when a recipe says ``stage: tlm``, the ``tlm_*`` keys are parsed into
-:class:`~tlm_plugin.hparams.TLMArguments`, LLaMA-Factory parses and validates the rest as an ``sft`` recipe
-(so every model/data/training option keeps its meaning), and its call of ``run_sft`` is routed to
-:func:`tlm_plugin.train.workflow.run_tlm`. Two private names are used: ``tuner._training_function`` and
-``tuner.run_sft``.
+:class:`~tlm_plugin.hparams.TLMArguments`, LLaMA-Factory parses and validates the rest as an ``sft`` recipe (so every
+model/data/training option keeps its meaning), and :func:`tlm_plugin.train.workflow.run_tlm` runs with the callbacks
+LLaMA-Factory gives an sft run. The TLM run never goes through LLaMA-Factory's routing of stages, so a new routing
+option of a later release can never send a ``stage: tlm`` recipe to another workflow: reaching ``run_tlm`` is by
+construction, not by a list of options to refuse. One private name is hooked, ``tuner._training_function`` (called by
+``run_exp`` in every process: torchrun workers and Ray workers included); all internals go through
+:mod:`tlm_plugin.seam`. If it is gone, only ``stage: tlm`` fails (with a clear error); other commands keep working.
 """
 
 import contextvars
@@ -23,7 +26,8 @@ TESTED_RANGE = ("0.9.5", "0.10.0")  # [min, max): versions this plugin was teste
 STAGE = "tlm"
 _PATCHED_ATTR = "__tlm_plugin_patched__"
 
-# Options that would route an sft recipe away from run_sft, or that cannot work for TLM.
+# Options that cannot work with stage tlm (it never routes to their workflows; refusing says why).
+
 _INCOMPATIBLE = {
     "use_mca": "Megatron-core (use_mca) training has its own workflow",
     "use_hyper_parallel": "hyper_parallel training has its own workflow",
@@ -31,7 +35,9 @@ _INCOMPATIBLE = {
     "neat_packing": "packing merges prompts, but TLM scores and weights each prompt on its own",
     "train_on_prompt": "it adds the reference answer to the training targets (TLM never trains on answers)",
     "mask_history": "it only applies to supervised multi-turn answers, which TLM never trains on",
-    "use_ray": "Ray launching is not supported by stage tlm yet; use torchrun (FORCE_TORCHRUN=1)",
+    "use_dft_loss": "it replaces the supervised loss of sft, which stage tlm does not use",
+    "use_eaft_loss": "it replaces the supervised loss of sft, which stage tlm does not use",
+    "use_asft_loss": "it replaces the supervised loss of sft, which stage tlm does not use",
 }
 
 _active: contextvars.ContextVar[TLMArguments | None] = contextvars.ContextVar("tlm_args", default=None)
@@ -97,7 +103,9 @@ def split_args(args: Any) -> tuple[TLMArguments | None, Any]:
         return None, args
     tlm_args = parse_tlm_args(tlm_values)
     _check_compatible(rest)
-    return tlm_args, _with_prediction_defaults(rest)
+    rest, do_predict, eval_dataset = _take_prediction_keys(rest)
+    tlm_args.predict = (do_predict, eval_dataset)  # applied in _run_tlm: stage tlm answers the prompts itself
+    return tlm_args, rest
 
 
 def _get(rest: Any, key: str) -> Any:
@@ -124,19 +132,31 @@ def _check_compatible(rest: Any) -> None:
             raise TLMConfigError(f"{key} cannot be used with stage: tlm: {why}.")
 
 
-def _with_prediction_defaults(rest: Any) -> Any:
-    """Predictions of stage tlm are the answers to the test prompts themselves unless eval_dataset says otherwise.
+PREDICTION_KEYS = ("do_predict", "predict_with_generate", "eval_dataset")
 
-    LLaMA-Factory requires ``predict_with_generate`` and an ``eval_dataset`` for ``do_predict`` in sft; stage tlm
-    fills both in so that a recipe only needs ``do_predict: true``.
+
+def _take_prediction_keys(rest: Any) -> tuple[Any, bool, str | None]:
+    """Remove ``do_predict`` / ``predict_with_generate`` / ``eval_dataset`` from the sft part of a recipe.
+
+    Stage tlm generates its answers itself, in between or after its updates and under every backend, so
+    LLaMA-Factory's sft predict path (and its rules: ``predict_with_generate`` required, refused under ZeRO-3) does
+    not apply. Returns the recipe without them, whether to predict, and the eval dataset names (None: the test
+    prompts themselves).
     """
-    if not _truthy(_get(rest, "do_predict")):
-        return rest
-    if _get(rest, "predict_with_generate") is None:
-        rest = _set(rest, "predict_with_generate", "true" if isinstance(rest, list) else True)
-    if _get(rest, "eval_dataset") is None and _get(rest, "dataset") is not None:
-        rest = _set(rest, "eval_dataset", _get(rest, "dataset"))
-    return rest
+    do_predict = _truthy(_get(rest, "do_predict"))
+    eval_dataset = _get(rest, "eval_dataset")
+    if isinstance(rest, dict):
+        return {k: v for k, v in rest.items() if k not in PREDICTION_KEYS}, do_predict, eval_dataset
+    kept, i = [], 0
+    while i < len(rest):
+        name = rest[i].split("=", 1)[0]
+        if name.startswith("--") and name[2:] in PREDICTION_KEYS:
+            has_value = "=" not in rest[i] and i + 1 < len(rest) and not rest[i + 1].startswith("--")
+            i += 2 if has_value else 1
+            continue
+        kept.append(rest[i])
+        i += 1
+    return kept, do_predict, eval_dataset
 
 
 def current_tlm_args() -> TLMArguments | None:
@@ -156,46 +176,86 @@ def _version_check(version: str) -> None:
 
 
 def apply(tuner: ModuleType) -> None:
-    """Patch ``llamafactory.train.tuner`` (idempotent)."""
+    """Patch ``llamafactory.train.tuner`` (idempotent). Never raises: a missing seam only disables stage tlm."""
     if getattr(tuner, _PATCHED_ATTR, False):
         return
-    missing = [name for name in ("_training_function", "run_sft", "read_args") if not hasattr(tuner, name)]
-    if missing:
-        raise TLMPatchError(
-            f"This llamafactory version has no llamafactory.train.tuner.{', '.join(missing)}; llamafactory-tlm "
-            f"cannot add stage: tlm to it (tested {TESTED_RANGE[0]} to <{TESTED_RANGE[1]}). "
-            "Install a tested llamafactory version or set LLAMAFACTORY_TLM_DISABLE=1."
-        )
     try:
         from llamafactory.extras.env import VERSION
     except ImportError:
         VERSION = "0"
     _version_check(VERSION)
+    setattr(tuner, _PATCHED_ATTR, True)
 
+    if not (callable(getattr(tuner, "_training_function", None)) and callable(getattr(tuner, "read_args", None))):
+        _refuse_tlm_in_run_exp(tuner)
+        return
     original_training_function = tuner._training_function
-    original_run_sft = tuner.run_sft
 
     @functools.wraps(original_training_function)
     def _training_function(config: dict[str, Any]) -> None:
         tlm_args, rest = split_args(tuner.read_args(config.get("args")))
         if tlm_args is None:
             return original_training_function(config)
-        token = _active.set(tlm_args)
-        try:
-            return original_training_function({**config, "args": rest})
-        finally:
-            _active.reset(token)
-
-    @functools.wraps(original_run_sft)
-    def run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
-        tlm_args = _active.get()
-        if tlm_args is None:
-            return original_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
-        from tlm_plugin.train.workflow import run_tlm
-
-        finetuning_args.stage = STAGE
-        return run_tlm(model_args, data_args, training_args, finetuning_args, generating_args, tlm_args, callbacks)
+        return _run_tlm(tlm_args, rest, config.get("callbacks"))
 
     tuner._training_function = _training_function
-    tuner.run_sft = run_sft
-    setattr(tuner, _PATCHED_ATTR, True)
+
+
+def _run_tlm(tlm_args: TLMArguments, rest: Any, callbacks: list | None) -> None:
+    """Parse the sft part with LLaMA-Factory's own parser, add the callbacks it gives sft, run the TLM workflow."""
+    import torch.distributed as dist
+
+    from tlm_plugin import seam
+    from tlm_plugin.train.workflow import run_tlm
+
+    get_train_args = seam.resolve("llamafactory.hparams.get_train_args")
+    model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(rest)
+    do_predict, eval_dataset = getattr(tlm_args, "predict", (False, None))
+    training_args.do_predict = do_predict
+    names = eval_dataset if eval_dataset is not None else ",".join(data_args.dataset or [])
+    data_args.eval_dataset = [n.strip() for n in str(names).split(",") if n.strip()] if do_predict else None
+    callbacks = list(callbacks or []) + seam.sft_callbacks(
+        model_args, data_args, training_args, finetuning_args, generating_args
+    )
+    finetuning_args.stage = STAGE
+    token = _active.set(tlm_args)
+    try:
+        run_tlm(model_args, data_args, training_args, finetuning_args, generating_args, tlm_args, callbacks)
+    finally:
+        _active.reset(token)
+    if _ray_initialized():
+        return  # Ray tears the process group down itself
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _ray_initialized() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def _refuse_tlm_in_run_exp(tuner: ModuleType) -> None:
+    """The hook point is gone: make stage tlm fail clearly, leave every other stage alone."""
+    original_run_exp = getattr(tuner, "run_exp", None)
+    if not callable(original_run_exp):
+        return
+
+    @functools.wraps(original_run_exp)
+    def run_exp(args=None, callbacks=None):
+        read = getattr(tuner, "read_args", None)
+        recipe = read(args) if callable(read) else args
+        is_tlm = (isinstance(recipe, dict) and recipe.get("stage") == STAGE) or (
+            isinstance(recipe, list) and _get(recipe, "stage") == STAGE
+        )
+        if is_tlm:
+            raise TLMPatchError(
+                "stage: tlm cannot run: this llamafactory version has no llamafactory.train.tuner._training_function "
+                f"(tested {TESTED_RANGE[0]} to <{TESTED_RANGE[1]}). Install a tested llamafactory version; other "
+                "stages are unaffected."
+            )
+        return original_run_exp(args, callbacks)
+
+    tuner.run_exp = run_exp

@@ -91,6 +91,30 @@ def pseudo_label_nll(trainer, model, inputs: dict[str, torch.Tensor]) -> torch.T
     return nll.mean()
 
 
+def estimate_fisher(trainer, rows: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """EATA's anchor weights and diagonal Fisher F = mean over ``rows`` of (d pseudo-label NLL / d theta)^2.
+
+    Runs before training on the unwrapped model (no DDP reducer, no DeepSpeed engine is involved), one prompt at a
+    time; ``backward()`` into ``.grad`` rather than ``autograd.grad``, which cannot see through the reentrant
+    activation checkpointing LLaMA-Factory enables by default.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    anchor = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    was_training = model.training
+    model.train()
+    for row in rows:
+        batch = trainer._prepare_inputs(trainer.data_collator([row]))
+        pseudo_label_nll(trainer, model, batch).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach().float().pow(2) / len(rows)
+                p.grad = None
+    model.train(was_training)
+    return anchor, fisher
+
+
 def entropy_step(
     trainer, model, inputs: dict[str, torch.Tensor], select: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -1,16 +1,17 @@
 """Selectors: which test prompts (or pool rows) test-time learning uses, behind one registry."""
 
 from tlm_plugin.selectors import perplexity, pool  # noqa: F401  (register perplexity, all, random, sift, nearest)
-from tlm_plugin.selectors.base import SELECTORS, Selector, get_selector, register_selector
-from tlm_plugin.selectors.pool import PoolSelector
+from tlm_plugin.selectors.base import SELECTORS, Selector, register_selector
+from tlm_plugin.selectors.pool import PER_PROMPT_POOL, PoolSelector, RandomPoolSelector
 from tlm_plugin.selectors.sift import nearest_select, posterior_variance, sift_select
 
 
 __all__ = [
+    "PER_PROMPT_POOL",
     "SELECTORS",
     "PoolSelector",
+    "RandomPoolSelector",
     "Selector",
-    "get_selector",
     "nearest_select",
     "posterior_variance",
     "register_selector",

@@ -1,39 +1,56 @@
-"""The selector interface: which test prompts a TLM update learns from, and with which weight."""
+"""The selector registry: which test prompts (or pool rows) test-time learning uses, and with which weight.
+
+Selectors are built from plain values (numbers, strings), never from the run's settings object, so this package
+depends only on the pure loss functions; :func:`tlm_plugin.train.setup.build_selector` maps ``tlm_*`` settings to
+them.
+Two kinds share the registry:
+
+- :class:`Selector` weights prompts by their log-perplexity (TLM's S(x) and its controls);
+- :class:`~tlm_plugin.selectors.pool.PoolSelector` picks pool rows by embedding (SIFT, nearest neighbours, random),
+  for all prompts or per prompt.
+"""
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-
-if TYPE_CHECKING:
-    from tlm_plugin.hparams import TLMArguments
 
 
 class Selector(ABC):
     """Maps the log-perplexities of a set of prompts to per-prompt loss weights (0 = not selected).
 
-    Offline mode calls :meth:`weights` once with every prompt's score from the frozen base model; online mode
-    calls it once per training batch with the current model's scores (so a selector may keep running state).
+    Offline mode calls :meth:`weights` once with every prompt's score from the unadapted model; online mode calls it
+    once per update with the scores of all rows of that update, across ranks, from the current model (so a selector
+    may keep running state, saved with :meth:`state_dict` at every chunk checkpoint).
     """
 
     name: str = ""
 
-    def __init__(self, args: "TLMArguments", seed: int = 0) -> None:
-        self.args = args
+    def __init__(
+        self, lam: float = 0.10, log_p0: float = 3.0, fraction: float | None = None, streaming: bool = False, seed=0
+    ) -> None:
+        self.lam, self.log_p0, self.fraction, self.streaming = lam, log_p0, fraction, streaming
         self.generator = torch.Generator().manual_seed(seed)
+        self.log_p0_used = log_p0
 
     @abstractmethod
     def weights(self, log_ppl: torch.Tensor) -> torch.Tensor:
-        """(N,) float log-perplexities -> (N,) float weights, detached; 0 marks an unselected prompt."""
+        """(N,) float log-perplexities -> (N,) float32 weights, detached; 0 marks an unselected prompt."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state().tolist(), "log_p0_used": self.log_p0_used}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.log_p0_used = state["log_p0_used"]
 
 
-SELECTORS: dict[str, type[Selector]] = {}
+SELECTORS: dict[str, type] = {}
 
 
-def register_selector(name: str) -> Callable[[type[Selector]], type[Selector]]:
-    def wrap(cls: type[Selector]) -> type[Selector]:
+def register_selector(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
         if name in SELECTORS:
             raise ValueError(f"A selector named {name!r} is already registered.")
         cls.name = name
@@ -43,5 +60,19 @@ def register_selector(name: str) -> Callable[[type[Selector]], type[Selector]]:
     return wrap
 
 
-def get_selector(args: "TLMArguments", seed: int = 0) -> Selector:
-    return SELECTORS[args.tlm_selector](args, seed=seed)
+class PromptDataSource(ABC):
+    """Turns one test prompt into the rows a per-prompt update trains on (``tlm_reset: prompt``).
+
+    The per-prompt loop (:mod:`tlm_plugin.train.per_prompt`) is the same for every source: gate, ``rows(index)``,
+    training steps, answer, restore. A source is one more registry entry; it never runs its own loop.
+    """
+
+    name: str = ""
+
+    def prepare(self, run) -> None:  # noqa: B027  (optional hook)
+        """Once per run, on every rank together (collective no-grad passes are allowed here)."""
+
+    @abstractmethod
+    def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Training rows for prompt ``index`` (each with ``input_ids`` and ``loss_mask``: the tokens whose NLL
+        the update lowers) and the fields this source adds to the prompt's record."""

@@ -13,7 +13,7 @@ class TLMDataCollator:
 
     Prompt features: ``input_ids``, ``attention_mask``, ``index``, optionally ``loss_mask`` (the tokens that
     count, ``tlm_loss_tokens``; default every prompt token), optionally ``user_mask`` (the user's own tokens, for the
-    ``log_ppl_user`` record) and, for training batches, ``tlm_weight``.
+    ``log_ppl_user`` record) and, for training batches, ``tlm_weight`` (offline) or ``chunk`` (the stream).
     Padding is always on the right here, whatever the tokenizer's side (generation batches use the tokenizer's,
     which LLaMA-Factory sets to left), so positions need no adjustment in the forward pass.
     """
@@ -45,6 +45,8 @@ class TLMDataCollator:
         }
         if user_mask is not None:
             batch["user_mask"] = user_mask
+        if "chunk" in features[0]:
+            batch["chunk"] = torch.as_tensor([f["chunk"] for f in features], dtype=torch.long)
         if "tlm_weight" in features[0]:
             batch["tlm_weight"] = torch.as_tensor([f["tlm_weight"] for f in features], dtype=torch.float32)
         return batch

@@ -1,115 +1,271 @@
-"""Test-time fine-tuning per prompt (``tlm_reset: prompt``), as in the SIFT paper (Hübotter et al., ICLR 2025).
+"""Per-prompt test-time learning (``tlm_reset: prompt``): one loop for every data source.
 
-For each test prompt: pick ``tlm_sift_budget`` pool rows for it (SIFT or nearest), take one gradient step per pick
-(repeats are more steps) on the row's log-perplexity, answer the prompt, then restore the trainable weights and
-the optimizer to their starting state, bit for bit, before the next prompt. Prompts are sharded across ranks;
-each rank adapts its own copy independently (no gradient synchronisation is needed or wanted).
+For each test prompt: gate (is the model unsure?) -> training rows from the data source (SIFT / nearest / random
+pool rows; later sources plug in behind the selector registry) -> training steps -> answer -> restore. The steps
+use the recipe's optimizer (``optim``, LLaMA-Factory's custom optimizers), its LR schedule rebuilt for the prompt's
+own number of steps (warm-up ratio included), gradient accumulation, clipping and fp16 loss scaling; the restore
+puts adapter, optimizer state and learning rates back bit for bit (:class:`~tlm_plugin.train.snapshot.TrainingSnapshot`).
+
+Prompts are sharded across ranks (rank, rank + world, ...); each rank adapts its own copy of the adapter, so no
+gradient is synchronised. Under ZeRO-3 every rank first gathers the whole model (it must fit one device).
+
+Interruptible: each answered prompt is appended at once to ``tlm_prompts.rank<r>.jsonl``; rerunning the same command
+skips the prompts found there (whatever the number of ranks) and the final files are assembled in dataset order
+when every prompt is done.
 """
 
-import contextlib
+import glob
+import math
+import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
+from llamafactory.extras.logging import get_logger
+from tqdm import tqdm
 
-from tlm_plugin.train.loss import log_perplexity
-
-
-def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, snapshot: dict[str, torch.Tensor]) -> None:
-    """Trainable weights back to ``snapshot`` (bitwise) and the optimizer back to its empty starting state."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in snapshot:
-                param.copy_(snapshot[name])
-    optimizer.state.clear()
-    optimizer.zero_grad(set_to_none=True)
+from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
+from tlm_plugin.selectors.base import PromptDataSource
+from tlm_plugin.train import outputs
+from tlm_plugin.train.backend import barrier, full_parameters, rank_and_world
+from tlm_plugin.train.generation import append_lines, generate_ids
+from tlm_plugin.train.loss import token_nll
+from tlm_plugin.train.passes import row_nll
+from tlm_plugin.train.snapshot import TrainingSnapshot
 
 
-def _autocast(args) -> contextlib.AbstractContextManager:
-    device = args.device.type
-    if device == "cuda" and (args.bf16 or args.fp16):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if args.bf16 else torch.float16)
-    return contextlib.nullcontext()
+logger = get_logger(__name__)
+
+PART_PATTERN = "tlm_prompts.rank{rank}.jsonl"
+SEED_STRIDE = 1_000_003  # per-prompt seeds: seed * stride + index, the same whichever rank answers the prompt
 
 
-def _loss_mask(row: dict, ids: torch.Tensor) -> torch.Tensor:
-    mask = row.get("loss_mask")
-    return torch.ones_like(ids) if mask is None else torch.tensor([mask], device=ids.device)
+class PoolSource(PromptDataSource):
+    """SIFT / nearest / random pool rows for each prompt, one training step per pick (the SIFT paper's TTFT)."""
+
+    name = "pool"
+
+    def prepare(self, run) -> None:
+        from tlm_plugin.train.offline import pool_scores_and_embeddings
+
+        self.run = run
+        start = time.perf_counter()
+        self.prompt_scores, _, self.prompt_emb, self.pool_emb = pool_scores_and_embeddings(run)
+        run.timings["score_before_s"] = time.perf_counter() - start
+        self.pool = run.pool if run.pool is not None else run.prompts
+
+    def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        from tlm_plugin.train.setup import build_prompt_pool_selector
+
+        selector = build_prompt_pool_selector(self.run.tlm_args, seed=prompt_seed(self.run, index))
+        picks, variances = selector.pick(
+            torch.from_numpy(self.prompt_emb[index : index + 1]), torch.from_numpy(self.pool_emb)
+        )
+        rows = [
+            {"input_ids": self.pool[r]["input_ids"], "loss_mask": self.pool[r]["loss_mask"]} for r in picks.tolist()
+        ]
+        return rows, {"picks": picks.tolist(), "variances": [float(v) for v in variances]}
 
 
-def run_per_prompt(trainer, prompts, pool, prompt_emb, pool_emb, gen_kwargs) -> dict[str, Any]:
-    """Adapt-answer-restore for every prompt of this rank; returns the merged per-prompt records on every rank."""
-    args = trainer.args
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    device = args.device
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-    )
-    snapshot = snapshot_trainable(model)
-    pad_id = trainer.processing_class.pad_token_id
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    pool_t = torch.from_numpy(pool_emb)
-    records: dict[int, dict[str, Any]] = {}
-    start = time.perf_counter()
-    for p in range(rank, len(prompts), world):
-        indices, variances = trainer.selector.pick(torch.from_numpy(prompt_emb[p : p + 1]), pool_t)
-        model.train()
-        losses = []
-        for row in indices.tolist():
-            ids = torch.tensor([pool[row]["input_ids"]], device=device)
-            with _autocast(args):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-                loss, _ = log_perplexity(logits, ids, _loss_mask(pool[row], ids))
-            if not torch.isfinite(loss).all():
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float("nan"))
+def prompt_seed(run, index: int) -> int:
+    return run.training_args.seed * SEED_STRIDE + index
+
+
+def make_source(run) -> PromptDataSource:
+    name = run.tlm_args.tlm_selector
+    if name in PER_PROMPT_POOL:
+        return PoolSource()
+    source = SELECTORS[name]()
+    if not isinstance(source, PromptDataSource):
+        raise AssertionError(f"selector {name!r} is not a per-prompt data source")
+    return source
+
+
+def _done(output_dir: str) -> dict[int, dict[str, Any]]:
+    """Records of the prompts already answered, from every rank's part file (complete lines only)."""
+    done = {}
+    for path in sorted(glob.glob(os.path.join(output_dir, PART_PATTERN.format(rank="*")))):
+        for record in outputs.read_jsonl(path):
+            done[int(record["index"])] = record
+    return done
+
+
+class PromptLearner:
+    """The model, optimizer and schedule of the per-prompt updates on this rank, with the starting snapshot."""
+
+    def __init__(self, run) -> None:
+        self.run, self.trainer, self.args = run, run.trainer, run.training_args
+        trainer = self.trainer
+        self.model = trainer.accelerator.unwrap_model(trainer.model)
+        self.model.to(self.args.device)
+        trainer.model_wrapped = trainer.model
+        self.optimizer = trainer.create_optimizer()  # the recipe's optim (and LLaMA-Factory's custom optimizers)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 else None
+        self.snapshot = TrainingSnapshot.take(self.model, self.optimizer, scaler=self.scaler)
+
+    def _schedule(self, n_steps: int):
+        trainer = self.trainer
+        trainer.lr_scheduler = None  # HF builds a scheduler only once; this prompt gets its own length
+        return trainer.create_scheduler(num_training_steps=max(n_steps, 1), optimizer=self.optimizer)
+
+    def train(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """``tlm_prompt_epochs`` passes over ``rows`` in batches of per_device_train_batch_size, one optimizer step
+        per ``gradient_accumulation_steps`` batches; returns the losses and step counts."""
+        args = self.args
+        bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        epochs = self.run.tlm_args.tlm_prompt_epochs
+        batches = [rows[i : i + bs] for _ in range(epochs) for i in range(0, len(rows), bs)]
+        windows = [batches[i : i + ga] for i in range(0, len(batches), ga)]
+        scheduler = self._schedule(len(windows))
+        self.model.train()
+        losses, steps, skipped = [], 0, 0
+        for window in windows:
+            finite = True
+            for batch in window:
+                loss = self._loss(batch) / len(window)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                losses.append(float(loss.detach()) * len(window))
+            if not finite:  # a non-finite loss: this update is dropped, nothing moves
+                losses.append(math.nan)
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
                 continue
-            loss.sum().backward()
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        return {"step_losses": losses, "steps": steps, "skipped_steps": skipped}
 
-        model.eval()
-        ids = torch.tensor([prompts[p]["input_ids"]], device=device)
-        with torch.no_grad(), _autocast(args):
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            after, _ = log_perplexity(logits, ids, _loss_mask(prompts[p], ids))
-            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
-        answer = generated[0, ids.shape[1] :].tolist()
-        restore(model, optimizer, snapshot)
-        records[p] = {
-            "index": p,
-            "picks": indices.tolist(),
-            "variances": [float(v) for v in variances],
-            "step_losses": losses,
-            "log_ppl_after": float(after),
-            "answer_ids": [t for t in answer if t != pad_id],
-        }
-    elapsed = time.perf_counter() - start
-    if world > 1:
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (records, elapsed))
-        merged: dict[int, dict[str, Any]] = {}
-        for part, _ in parts:
-            merged.update(part)
-        records, elapsed = merged, max(e for _, e in parts)
-    return {"records": [records[i] for i in range(len(prompts))], "seconds": elapsed}
+    def _loss(self, batch: list[dict[str, Any]]) -> torch.Tensor:
+        """Mean NLL over the counted tokens of the batch (LLaMA-Factory's sft loss for label masks; the row's
+        log-perplexity for one pool row)."""
+        pad = self.trainer.processing_class.pad_token_id
+        width = max(len(r["input_ids"]) for r in batch)
+        device = self.args.device
+        ids = torch.full((len(batch), width), pad, dtype=torch.long, device=device)
+        attention = torch.zeros_like(ids)
+        counted = torch.zeros_like(ids)
+        for i, row in enumerate(batch):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.as_tensor(row["input_ids"], device=device)
+            attention[i, :n] = 1
+            counted[i, :n] = torch.as_tensor(row["loss_mask"], device=device)
+        with self.trainer.accelerator.autocast():
+            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        nll = token_nll(logits, ids, counted)
+        return nll.sum() / counted[:, 1:].sum().clamp(min=1)
+
+    def restore(self) -> None:
+        self.snapshot.restore(self.model, self.optimizer, scaler=self.scaler)
+        self.trainer.lr_scheduler = None
 
 
-def pool_log_ppl_weights(log_ppl: np.ndarray, lam: float, log_p0: float) -> np.ndarray:
-    """TLM's weight lambda * exp(log P - log P0) for rows a pool selector picked (the pick replaces the threshold)."""
-    return (lam * np.exp(log_ppl - log_p0)).astype(np.float32)
+def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from tlm_plugin.train.workflow import base_rows
+
+    rank, world = rank_and_world()
+    source = make_source(run)
+    with full_parameters(run.trainer):
+        source.prepare(run)
+        prompt_scores = getattr(source, "prompt_scores", None)
+        if prompt_scores is None:
+            prompt_scores = run.prompt_scores()
+        rows = base_rows(run, prompt_scores)
+        done = _done(run.output_dir) if run.resume_from is not None else {}
+        if done:
+            logger.info_rank0(f"Resuming: {len(done)} of {len(rows)} prompts were answered before.")
+        todo = [p for p in range(rank, len(run.prompts), world) if p not in done]
+        learner = PromptLearner(run)
+        part = os.path.join(run.output_dir, PART_PATTERN.format(rank=rank))
+        start = time.perf_counter()
+        for p in tqdm(todo, desc="per-prompt", disable=rank != 0, dynamic_ncols=True):
+            record = answer_one(run, learner, source, p)
+            append_lines(part, [outputs.jsonl_line(record)])
+        run.timings["per_prompt_s"] = time.perf_counter() - start
+    barrier()
+    return _assemble(run, rows)
+
+
+def answer_one(run, learner: PromptLearner, source: PromptDataSource, p: int) -> dict[str, Any]:
+    """Gate, data, steps, answer, restore for prompt ``p``; the prompt's complete record."""
+    timings = {}
+    t = time.perf_counter()
+    data, fields = source.rows(p)
+    timings["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    trained = learner.train(data) if data else {"step_losses": [], "steps": 0, "skipped_steps": 0}
+    timings["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model, prompt = learner.model, run.prompts[p]
+    model.eval()
+    record: dict[str, Any] = {"index": p, **fields, **trained}
+    with torch.no_grad():
+        masks = ("loss_mask", "user_mask") if "user_mask" in prompt else ("loss_mask",)
+        scores = row_nll(model, prompt, masks, run.training_args.device)
+        record["log_ppl_after"] = scores["loss_mask"][0] / max(scores["loss_mask"][1], 1)
+        if "user_mask" in scores:
+            record["log_ppl_user_after"] = scores["user_mask"][0] / max(scores["user_mask"][1], 1)
+        if run.answers is not None and p in run.answer_position:
+            row = run.answers[run.answer_position[p]]
+            nll, _ = row_nll(model, row, ("answer_mask",), run.training_args.device)["answer_mask"]
+            record["answer_bpb"] = nll / math.log(2) / row["answer_bytes"]
+        if run.training_args.do_predict:
+            record["answer_ids"] = generate_ids(
+                run.trainer, model, [list(prompt["input_ids"])], run.gen_kwargs, False
+            )[0]
+    timings["answer_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    learner.restore()
+    timings["restore_s"] = time.perf_counter() - t
+    record["seconds"] = {k: round(v, 4) for k, v in timings.items()}
+    return record
+
+
+def _assemble(run, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Merge every rank's records into the run's rows (dataset order) and write the final files (main rank)."""
+    from tlm_plugin.train.offline import write_selection
+    from tlm_plugin.train.workflow import save_predictions
+
+    done = _done(run.output_dir)
+    missing = [r["index"] for r in rows if r["index"] not in done]
+    if missing:
+        raise RuntimeError(f"per-prompt records missing for prompts {missing[:10]} (of {len(missing)})")
+    stats = {"backward_rows": 0, "optimizer_steps": 0, "skipped_steps": 0, "overflow_steps": 0, "nonfinite_rows": []}
+    for row in rows:
+        rec = done[row["index"]]
+        row.update(selected=rec["steps"] > 0, weight=1.0 if rec["steps"] > 0 else 0.0)
+        for key in ("picks", "log_ppl_after", "log_ppl_user_after", "answer_bpb"):
+            if key in rec:
+                row[key] = len(rec[key]) if key == "picks" else rec[key]
+        stats["backward_rows"] += sum(1 for loss in rec["step_losses"] if loss == loss)
+        stats["optimizer_steps"] += rec["steps"]
+        stats["skipped_steps"] += rec["skipped_steps"]
+        if rec["skipped_steps"]:
+            stats["nonfinite_rows"].append(row["index"])
+    records = [done[r["index"]] for r in rows]
+    if "picks" in records[0]:
+        write_selection(
+            run,
+            [{k: r[k] for k in ("index", "picks", "variances", "step_losses")} for r in records],
+        )
+    run.trainer.save_adapter()  # the restored starting adapter: every prompt's adaptation was discarded by design
+    if run.training_args.do_predict:
+        save_predictions(
+            run, [r["answer_ids"] for r in records], time.perf_counter() - run.timings.get("per_prompt_s", 0)
+        )
+    return rows, stats

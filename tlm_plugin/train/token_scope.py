@@ -20,10 +20,13 @@ from collections.abc import Sequence
 from copy import deepcopy
 from typing import TYPE_CHECKING, Any
 
-from llamafactory.data.data_utils import Role
-from llamafactory.data.formatter import StringFormatter
-from llamafactory.data.processor.processor_utils import infer_seqlen
-from llamafactory.data.template import TEMPLATES, Llama2Template, ReasoningTemplate, Template
+from tlm_plugin import seam
+
+
+_LF = seam.template_classes()  # LLaMA-Factory's template internals, reached through the seam
+Role, StringFormatter, infer_seqlen = _LF["Role"], _LF["StringFormatter"], _LF["infer_seqlen"]
+TEMPLATES, Template = _LF["TEMPLATES"], _LF["Template"]
+Llama2Template, ReasoningTemplate = _LF["Llama2Template"], _LF["ReasoningTemplate"]
 
 
 if TYPE_CHECKING:
@@ -133,7 +136,7 @@ def _message_elements(
     template: Template, i: int, message: dict[str, str], system: str | None, tools: str | None
 ) -> list[Element]:
     """The elements ``Template._encode`` (or ``Llama2Template._encode``) builds for message ``i``, with spans."""
-    encode = type(template)._encode
+    encode = seam.encode_function(template)
     if encode not in (Template._encode, Llama2Template._encode):
         raise TemplateScopeError(f"Template {_template_name(template)!r} overrides _encode; not supported.")
     fuses_system = encode is Llama2Template._encode  # the system text is glued in front of the first user turn
@@ -198,7 +201,7 @@ def _element_ids_and_mask(
     template: Template, tokenizer: "PreTrainedTokenizer", element: Any, span: Span | None
 ) -> tuple[list[int], list[int]]:
     """Ids of one element exactly as ``_convert_elements_to_ids`` gives them, and the content mask over them."""
-    ids = template._convert_elements_to_ids(tokenizer, [element])
+    ids = seam.elements_to_ids(template, tokenizer, [element])
     if span is None or not ids:
         return ids, [0] * len(ids)
 

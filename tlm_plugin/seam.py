@@ -1,0 +1,149 @@
+"""Every LLaMA-Factory name the plugin reaches that is not part of its documented interface, in one place.
+
+``stage: tlm`` needs four kinds of LLaMA-Factory internals: the tuner's training function (the hook), the callbacks
+its sft stage builds, the chat template's element-by-element encoding (the user-token masks) and the aligned rows
+of the dataset loader (``_prompt``/``_response``/``_system``/``_tools`` columns). They are looked up here and nowhere
+else, so a release that moves one of them breaks this module and ``tests/test_seam.py``, which names what changed.
+"""
+
+import importlib
+import inspect
+from typing import Any
+
+
+class SeamError(RuntimeError):
+    """A LLaMA-Factory internal that stage tlm needs is missing or has changed."""
+
+
+# dotted name -> (what stage tlm uses it for, parameters it must accept; None: not a function)
+INTERNALS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "llamafactory.train.tuner._training_function": ("the hook that runs stage tlm", ("config",)),
+    "llamafactory.train.tuner.read_args": ("reading a recipe the way llamafactory-cli does", ("args",)),
+    "llamafactory.hparams.get_train_args": ("parsing and validating the sft part of a recipe", ("args",)),
+    "llamafactory.train.callbacks.LogCallback": ("the progress log of the web UI", None),
+    "llamafactory.train.callbacks.ReporterCallback": ("the run report of LLaMA-Factory", None),
+    "llamafactory.data.loader._get_merged_dataset": (
+        "the aligned rows behind each prompt (user-token masks, pools)",
+        ("dataset_names", "model_args", "data_args", "training_args", "stage"),
+    ),
+    "llamafactory.data.template.Template._encode": (
+        "the element-by-element encoding of a chat turn (user-token masks)",
+        ("self", "tokenizer", "messages", "system", "tools"),
+    ),
+    "llamafactory.data.template.Template._convert_elements_to_ids": (
+        "turning template elements into token ids (user-token masks)",
+        ("self", "tokenizer", "elements"),
+    ),
+    "llamafactory.data.template.Llama2Template._encode": ("the llama2 variant of the encoding", None),
+    "llamafactory.data.template.ReasoningTemplate": ("templates that add thought tokens", None),
+    "llamafactory.data.template.TEMPLATES": ("template names for error messages", None),
+    "llamafactory.data.formatter.StringFormatter": ("the slots a template fills with the user's text", None),
+    "llamafactory.data.data_utils.Role": ("message roles", None),
+    "llamafactory.data.processor.processor_utils.infer_seqlen": (
+        "the prompt truncation of the unsupervised processor",
+        ("source_len", "target_len", "cutoff_len"),
+    ),
+}
+
+
+def resolve(dotted: str) -> Any:
+    """The object behind ``dotted`` (module path, then attributes), or :class:`SeamError` naming what is missing."""
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attr in parts[split:]:
+            if not hasattr(obj, attr):
+                raise SeamError(_missing_message(dotted, f"{'.'.join(parts[:split])} has no {attr!r}"))
+            obj = getattr(obj, attr)
+        return obj
+    raise SeamError(_missing_message(dotted, "the module cannot be imported"))
+
+
+def _missing_message(dotted: str, why: str) -> str:
+    use = INTERNALS.get(dotted, ("an internal",))[0]
+    return (
+        f"stage: tlm needs LLaMA-Factory's {dotted} ({use}), but {why}. This llamafactory version moved it; "
+        "install a tested version (llamafactory>=0.9.5,<0.10) or report it to llamafactory-tlm."
+    )
+
+
+def check(dotted: str) -> str | None:
+    """None when ``dotted`` exists with the expected parameters, else a sentence saying what changed."""
+    try:
+        obj = resolve(dotted)
+    except SeamError as err:
+        return str(err)
+    expected = INTERNALS[dotted][1]
+    if expected is None:
+        return None
+    try:
+        params = tuple(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return f"{dotted}: its signature cannot be read"
+    missing = [name for name in expected if name not in params]
+    if missing:
+        return f"{dotted} no longer takes {', '.join(missing)} (it takes {', '.join(params)})"
+    return None
+
+
+def changes() -> list[str]:
+    """What changed in the installed LLaMA-Factory among :data:`INTERNALS` (empty: the seam is intact)."""
+    return [msg for msg in (check(name) for name in INTERNALS) if msg is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accessors used by the rest of the plugin
+
+
+def merged_dataset(dataset_names, model_args, data_args, training_args, stage: str = "tlm"):
+    """LLaMA-Factory's aligned rows for ``dataset_names`` (columns ``_prompt``, ``_response``, ``_system``, ...)."""
+    return resolve("llamafactory.data.loader._get_merged_dataset")(
+        dataset_names, model_args, data_args, training_args, stage=stage
+    )
+
+
+def template_classes() -> dict[str, Any]:
+    """The template and formatter classes the user-token mask rebuilds the encoding with."""
+    return {
+        "Template": resolve("llamafactory.data.template.Template"),
+        "Llama2Template": resolve("llamafactory.data.template.Llama2Template"),
+        "ReasoningTemplate": resolve("llamafactory.data.template.ReasoningTemplate"),
+        "TEMPLATES": resolve("llamafactory.data.template.TEMPLATES"),
+        "StringFormatter": resolve("llamafactory.data.formatter.StringFormatter"),
+        "Role": resolve("llamafactory.data.data_utils.Role"),
+        "infer_seqlen": resolve("llamafactory.data.processor.processor_utils.infer_seqlen"),
+    }
+
+
+def encode_function(template) -> Any:
+    """The ``_encode`` implementation ``template`` uses (to tell plain templates from overriding ones)."""
+    resolve("llamafactory.data.template.Template._encode")
+    return type(template)._encode
+
+
+def elements_to_ids(template, tokenizer, elements: list) -> list[int]:
+    return template._convert_elements_to_ids(tokenizer, elements)
+
+
+def sft_callbacks(model_args, data_args, training_args, finetuning_args, generating_args) -> list:
+    """The callbacks LLaMA-Factory's tuner adds to an sft run (progress log, report, optional integrations)."""
+    from transformers import EarlyStoppingCallback
+
+    tuner = importlib.import_module("llamafactory.train.tuner")
+    callbacks = [resolve("llamafactory.train.callbacks.LogCallback")()]
+    if getattr(finetuning_args, "pissa_convert", False) and hasattr(tuner, "PissaConvertCallback"):
+        callbacks.append(tuner.PissaConvertCallback())
+    if getattr(finetuning_args, "use_swanlab", False) and hasattr(tuner, "get_swanlab_callback"):
+        callbacks.append(tuner.get_swanlab_callback(finetuning_args))
+    if getattr(finetuning_args, "early_stopping_steps", None) is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=finetuning_args.early_stopping_steps))
+    if getattr(training_args, "enable_torch_profiler", False) and hasattr(tuner, "TorchProfilerCallback"):
+        callbacks.append(tuner.TorchProfilerCallback(training_args))
+    if getattr(training_args, "profile_modules", None) and hasattr(tuner, "ModuleProfilerCallback"):
+        callbacks.append(tuner.ModuleProfilerCallback(training_args.profile_modules))
+    reporter = resolve("llamafactory.train.callbacks.ReporterCallback")
+    callbacks.append(reporter(model_args, data_args, finetuning_args, generating_args))
+    return callbacks

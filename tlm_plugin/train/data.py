@@ -1,0 +1,202 @@
+"""The rows a stage-tlm run works on: templated test prompts, an optional pool, and the reference answers.
+
+- Prompts: LLaMA-Factory's unsupervised processing (``input_ids`` = the chat-templated prompt exactly as at generation
+  time) plus ``index``, ``user_mask`` (the user's own tokens) and ``loss_mask`` (the ``tlm_loss_tokens`` scope). The
+  reference answers are dropped here, so they cannot reach a training batch or a score.
+- Pool (``tlm_pool_dataset``): the same processing of other datasets, never cut by ``max_samples`` and never read
+  from ``tokenized_path`` (which holds the test set).
+- Answers (``tlm_eval_answers``): for each row with a reference answer, the sequence LLaMA-Factory's supervised
+  processing builds and a mask of its label tokens (the final turn's, as sft with ``mask_history`` trains on),
+  with the answer's UTF-8 byte count, for bits per byte. Used by the no-grad answer pass only.
+"""
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+from llamafactory.data import get_dataset
+from llamafactory.extras import logging
+from llamafactory.extras.constants import IGNORE_INDEX
+
+from tlm_plugin import seam
+from tlm_plugin.hparams import TLMConfigError
+from tlm_plugin.train.token_scope import TemplateScopeError, truncated_user_content_mask
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+logger = logging.get_logger(__name__)
+
+MEDIA_COLUMNS = ("_images", "_videos", "_audios")
+
+
+def load_aligned(names: list[str], model_args, data_args, training_args) -> "Dataset":
+    """LLaMA-Factory's aligned rows (``_prompt``, ``_response``, ``_system``, ``_tools``, media) of ``names``."""
+    return seam.merged_dataset(names, model_args, data_args, training_args, stage="tlm")
+
+
+def check_text_only(aligned: "Dataset", what: str) -> None:
+    """Refuse multimodal rows: their media would be dropped while the template keeps the media tokens."""
+    for column in MEDIA_COLUMNS:
+        if column in aligned.column_names:
+            rows = [i for i, media in enumerate(aligned[column]) if media]
+            if rows:
+                raise TLMConfigError(
+                    f"{what} has {column[1:]} (rows {rows[:5]}...): stage tlm learns from text prompts only and "
+                    "would drop the media while the template keeps their placeholder tokens. Use a text dataset."
+                )
+
+
+def prompt_dataset(dataset: "Dataset") -> "Dataset":
+    """Templated ``input_ids`` as at generation time and the row ``index``; every other column is dropped."""
+    if dataset is None or len(dataset) == 0:
+        raise TLMConfigError("The dataset has no valid prompt (check `dataset` and `dataset_dir`).")
+    keep = {"input_ids"}
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+    return dataset.add_column("index", list(range(len(dataset))))
+
+
+def check_prompts(prompts: "Dataset", template, tokenizer) -> None:
+    """Refuse a dataset whose prompts are all empty (only the chat template's own tokens are left)."""
+    empty, _ = template.encode_oneturn(
+        tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    )
+    empty_rows = [i for i, ids in enumerate(prompts["input_ids"]) if list(ids) == empty]
+    if len(empty_rows) == len(prompts):
+        raise TLMConfigError(
+            f"All {len(prompts)} prompts of the dataset are empty: nothing to learn from. Check the dataset's "
+            "columns (alpaca: instruction/input; or `columns` in dataset_info.json)."
+        )
+    if empty_rows:
+        logger.warning_rank0(f"{len(empty_rows)} prompts are empty (rows {empty_rows[:10]}...); they are kept.")
+
+
+def with_masks(
+    prompts: "Dataset", aligned: "Dataset", template, tokenizer, cutoff_len: int, loss_tokens: str, what: str
+) -> "Dataset":
+    """Add ``user_mask`` (1 = a token of the user's own content) and ``loss_mask`` (the scope of S(x) and the loss).
+
+    With ``loss_tokens == "user"`` the loss mask is the user mask and a template without a user slot is an error;
+    otherwise the loss mask covers every prompt token and such a template only leaves out ``log_ppl_user``.
+    Each mask comes from the template's own encoding and is checked against the processed ids token for token.
+    """
+    required = loss_tokens == "user"
+
+    def unavailable(reason: str) -> "Dataset":
+        if required:
+            raise TLMConfigError(f"tlm_loss_tokens: user ({what}): {reason}")
+        logger.warning_rank0(f"No user-token log-perplexity (log_ppl_user) for {what}: {reason}")
+        return prompts.add_column("loss_mask", [[1] * len(ids) for ids in prompts["input_ids"]])
+
+    if len(aligned) != len(prompts):
+        return unavailable(
+            f"{len(aligned)} dataset rows but {len(prompts)} processed prompts (LLaMA-Factory dropped invalid "
+            "rows); fix the dataset or use tlm_loss_tokens: prompt."
+        )
+    masks = []
+    for i, row in enumerate(aligned):
+        messages = row["_prompt"] + (row["_response"] if len(row["_response"]) == 1 else [])
+        try:
+            ids, mask = truncated_user_content_mask(
+                template, tokenizer, messages, cutoff_len, row["_system"] or None, row["_tools"] or None
+            )
+        except TemplateScopeError as err:
+            return unavailable(f"not available for this template: {err}")
+        if ids != list(prompts[i]["input_ids"]):
+            return unavailable(f"row {i}'s encoding differs from LLaMA-Factory's.")
+        if sum(mask) < 2:  # a log-perplexity needs at least one predicted user token after the first
+            mask = [1] * len(ids)
+        masks.append(mask)
+    prompts = prompts.add_column("user_mask", masks)
+    loss = masks if required else [[1] * len(m) for m in masks]
+    return prompts.add_column("loss_mask", loss)
+
+
+def load_prompts(template, model_args, data_args, training_args, tokenizer_module, loss_tokens: str):
+    """(prompts, eval rows or None, aligned rows) of the recipe's ``dataset``.
+
+    The eval rows (``input_ids`` and the reference ``labels``, for the prediction files) are the test prompts
+    themselves, or with ``eval_dataset`` naming other datasets (offline mode), those datasets processed the same way.
+    """
+    aligned = load_aligned(data_args.dataset, model_args, data_args, training_args)
+    check_text_only(aligned, f"dataset {','.join(data_args.dataset)}")
+    train_args = copy.copy(data_args)
+    train_args.eval_dataset = None
+    module = get_dataset(template, model_args, train_args, training_args, stage="tlm", **tokenizer_module)
+    processed = module["train_dataset"]
+    prompts = prompt_dataset(processed)
+    tokenizer = tokenizer_module["tokenizer"]
+    check_prompts(prompts, template, tokenizer)
+    prompts = with_masks(prompts, aligned, template, tokenizer, data_args.cutoff_len, loss_tokens, "the test prompts")
+    eval_rows = None
+    if training_args.do_predict:
+        if data_args.eval_dataset in (None, data_args.dataset):
+            eval_rows = processed
+        else:
+            eval_args = copy.copy(data_args)
+            eval_args.dataset, eval_args.eval_dataset = list(data_args.eval_dataset), None
+            try:
+                eval_rows = get_dataset(
+                    template, model_args, eval_args, training_args, stage="tlm", **tokenizer_module
+                )
+            except ValueError as err:
+                raise TLMConfigError(f"eval_dataset {','.join(data_args.eval_dataset)}: {err}") from err
+            eval_rows = eval_rows["train_dataset"]
+        eval_rows = eval_rows.remove_columns([c for c in eval_rows.column_names if c not in ("input_ids", "labels")])
+    return prompts, eval_rows, aligned
+
+
+def load_pool(names: str, template, model_args, data_args, training_args, tokenizer_module, loss_tokens: str):
+    """The ``tlm_pool_dataset`` rows as templated prompts (responses dropped, as for the test set)."""
+    pool_args = copy.copy(data_args)
+    pool_args.dataset = [name.strip() for name in names.split(",") if name.strip()]
+    pool_args.eval_dataset, pool_args.val_size = None, 0.0
+    pool_args.max_samples, pool_args.tokenized_path = None, None
+    try:
+        aligned = load_aligned(pool_args.dataset, model_args, pool_args, training_args)
+        module = get_dataset(template, model_args, pool_args, training_args, stage="tlm", **tokenizer_module)
+    except ValueError as err:
+        raise TLMConfigError(f"tlm_pool_dataset {names!r}: {err}") from err
+    if module.get("train_dataset") is None or len(module["train_dataset"]) == 0:
+        raise TLMConfigError(f"tlm_pool_dataset {names!r} has no rows: the pool selectors need rows to pick from.")
+    check_text_only(aligned, f"tlm_pool_dataset {names}")
+    pool = prompt_dataset(module["train_dataset"])
+    tokenizer = tokenizer_module["tokenizer"]
+    return with_masks(pool, aligned, template, tokenizer, pool_args.cutoff_len, loss_tokens, "the pool")
+
+
+def answer_rows(aligned: "Dataset", template, tokenizer, data_args) -> list[dict[str, Any]]:
+    """For each row with a reference answer: ``index``, ``input_ids``, ``answer_mask``, ``answer_bytes``,
+    ``answer_truncated``; rows without one are left out (the caller counts them).
+
+    The sequence and labels are those of LLaMA-Factory's supervised processor with ``mask_history`` (only the final
+    answer is a target): the answer's tokens and the template's closing tokens, truncated by ``cutoff_len`` as sft
+    truncates them.
+    """
+    processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
+    sft_args = copy.copy(data_args)
+    sft_args.mask_history, sft_args.train_on_prompt = True, False
+    processor = processor_cls(template=template, tokenizer=tokenizer, processor=None, data_args=sft_args)
+    rows = []
+    for i, row in enumerate(aligned):
+        response = row["_response"]
+        if len(response) != 1 or not (response[0].get("content") or "").strip() or len(row["_prompt"]) % 2 != 1:
+            continue
+        encoded = processor.preprocess_dataset({k: [row[k]] for k in aligned.column_names})
+        if not encoded["input_ids"]:
+            continue
+        ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+        answer = response[0]["content"]
+        full_target = template.encode_oneturn(tokenizer, row["_prompt"] + response, row["_system"], row["_tools"])[1]
+        n_label = sum(lab != IGNORE_INDEX for lab in labels)
+        rows.append(
+            {
+                "index": i,
+                "input_ids": ids,
+                "answer_mask": [int(lab != IGNORE_INDEX) for lab in labels],
+                "answer_bytes": len(answer.encode("utf-8")),
+                "answer_truncated": n_label < len(full_target) + (1 if template.efficient_eos else 0),
+            }
+        )
+    return rows

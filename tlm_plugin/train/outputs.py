@@ -1,0 +1,166 @@
+"""What a run leaves in ``output_dir`` besides the adapter, and how an interrupted run finds its place again.
+
+Files: ``tlm_scores.jsonl`` (one line per input row, dataset order), ``tlm_summary.json``, LLaMA-Factory's
+``generated_predictions.jsonl`` / ``predict_results.json``, and the per-method records. ``tlm_run.json`` holds the
+identity of the run (a hash of every setting that changes its results): rerunning the same command with the same
+``output_dir`` resumes only a run with the same identity, ``overwrite_output_dir: true`` starts over and removes
+what an earlier stage-tlm run left.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+from tlm_plugin.hparams import TLMConfigError
+
+
+SCORES_FILE = "tlm_scores.jsonl"
+SUMMARY_FILE = "tlm_summary.json"
+RUN_FILE = "tlm_run.json"
+# every file or folder pattern a stage-tlm run writes into output_dir (removed when a run starts over)
+OWN_PATTERNS = (
+    SCORES_FILE,
+    SUMMARY_FILE,
+    RUN_FILE,
+    "generated_predictions.jsonl",
+    "predict_results.json",
+    "tlm_sift_selection.jsonl",
+    "tlm_embeddings.pt",
+    "tlm_reset_snapshot.pt",
+    "tlm_prompts.rank*.jsonl",
+    "tlm_generated.jsonl",
+    "tlm_demos.jsonl",
+    "checkpoint-*",
+)
+
+
+def clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a missing score is null
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    return json.dumps(clean(row), ensure_ascii=False) + "\n"
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_records(output_dir: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """One JSON line per input row in dataset order, then the run summary; each file appears whole or not at all."""
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write(os.path.join(output_dir, SCORES_FILE), "".join(jsonl_line(r) for r in rows))
+    atomic_write(os.path.join(output_dir, SUMMARY_FILE), json.dumps(clean(summary), indent=2) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Complete lines of a JSONL file (a torn last line, from a kill while writing, is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
+def truncate_lines(path: str, keep: int) -> None:
+    """Keep the first ``keep`` complete lines of ``path`` (what a checkpoint recorded), drop the rest."""
+    if not os.path.isfile(path):
+        if keep:
+            raise TLMConfigError(f"{path} is missing but the checkpoint recorded {keep} lines in it; cannot resume.")
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    complete = lines[:-1]  # the part after the last newline is a torn line (or empty)
+    if len(complete) < keep:
+        raise TLMConfigError(f"{path} has {len(complete)} lines but the checkpoint recorded {keep}; cannot resume.")
+    with open(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in complete[:keep]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_identity(settings: dict[str, Any]) -> str:
+    """A short hash of the settings that change a run's results."""
+    return hashlib.sha256(json.dumps(clean(settings), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def start_fresh(output_dir: str) -> None:
+    """Remove what an earlier stage-tlm run left in ``output_dir`` (only if it was one: ``tlm_run.json``)."""
+    if not os.path.isfile(os.path.join(output_dir, RUN_FILE)):
+        return
+    for pattern in OWN_PATTERNS:
+        for path in glob.glob(os.path.join(output_dir, pattern)):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def write_identity(output_dir: str, identity: str, mode: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write(os.path.join(output_dir, RUN_FILE), json.dumps({"identity": identity, "mode": mode}) + "\n")
+
+
+def check_identity(output_dir: str, identity: str) -> None:
+    """Refuse to resume a run made with other settings (its records would mix with this run's)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise TLMConfigError(
+            f"output_dir {output_dir} holds a checkpoint but no {RUN_FILE}: it was not written by a stage-tlm run "
+            "of this version. Set overwrite_output_dir: true to start over, or choose another output_dir."
+        )
+    with open(path, encoding="utf-8") as f:
+        found = json.load(f).get("identity")
+    if found != identity:
+        raise TLMConfigError(
+            f"output_dir {output_dir} holds an interrupted stage-tlm run made with other settings ({found} vs "
+            f"{identity} now). Rerun it with its own settings to resume, set overwrite_output_dir: true to start "
+            "over, or choose another output_dir."
+        )
+
+
+def complete_checkpoint(output_dir: str, state_key: str | None = None) -> str | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` was written (and, if given, holds ``state_key``
+    among its stateful callbacks); None if there is none. A checkpoint torn by a kill is passed over."""
+    candidates = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        suffix = os.path.basename(path).split("-", 1)[1]
+        if suffix.isdigit() and os.path.isdir(path):
+            candidates.append((int(suffix), path))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if state_key is None or state_key in state.get("stateful_callbacks", {}):
+            return path
+    return None
+
+
+def remove_parts(output_dir: str) -> None:
+    """Remove the per-rank record files of per-prompt mode once the run's final files are written."""
+    for path in glob.glob(os.path.join(output_dir, "tlm_prompts.rank*.jsonl")):
+        os.remove(path)

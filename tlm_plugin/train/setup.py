@@ -1,0 +1,161 @@
+"""Checks a stage-tlm recipe must pass before the model loads, and the pieces the workflow builds from settings."""
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from tlm_plugin.hparams import TLMConfigError
+from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
+from tlm_plugin.train.outputs import run_identity
+
+
+if TYPE_CHECKING:
+    from tlm_plugin.hparams import TLMArguments
+
+
+def build_selector(tlm_args: "TLMArguments", seed: int = 0):
+    """The selector of ``tlm_selector``, built from plain values (None for per-prompt runs: see per_prompt)."""
+    a = tlm_args
+    if a.tlm_reset == "prompt":
+        return None
+    if a.pool_based:
+        return SELECTORS[a.tlm_selector](
+            budget=a.tlm_sift_budget,
+            lambda_=a.tlm_sift_lambda,
+            alpha=a.tlm_sift_alpha,
+            candidates=a.tlm_sift_candidates,
+            seed=seed,
+        )
+    return SELECTORS[a.tlm_selector](
+        lam=a.tlm_lambda,
+        log_p0=a.tlm_log_p0,
+        fraction=a.tlm_select_fraction,
+        streaming=a.tlm_mode == "online",
+        seed=seed,
+    )
+
+
+def build_prompt_pool_selector(tlm_args: "TLMArguments", seed: int):
+    """A per-prompt pool selector (sift, nearest, random), seeded for one prompt."""
+    a = tlm_args
+    return PER_PROMPT_POOL[a.tlm_selector](
+        budget=a.tlm_sift_budget,
+        lambda_=a.tlm_sift_lambda,
+        alpha=a.tlm_sift_alpha,
+        candidates=a.tlm_sift_candidates,
+        seed=seed,
+    )
+
+
+def check_training_args(training_args, data_args, finetuning_args, tlm_args: "TLMArguments") -> None:
+    """Options of the recipe that cannot work with the chosen stage-tlm mode (all checked before the model loads)."""
+    if data_args.streaming:
+        raise TLMConfigError("streaming cannot be used with stage: tlm: every prompt is scored before training.")
+    if data_args.val_size and data_args.val_size > 0:
+        raise TLMConfigError(
+            "val_size cannot be used with stage: tlm: it would hold test prompts out of adaptation and answer them "
+            "as a separate split. Remove val_size (stage tlm answers the test prompts themselves)."
+        )
+    if isinstance(data_args.eval_dataset, list) and data_args.eval_on_each_dataset:
+        raise TLMConfigError("eval_on_each_dataset cannot be used with stage: tlm.")
+    if getattr(finetuning_args, "early_stopping_steps", None) is not None:
+        raise TLMConfigError("early_stopping_steps cannot be used with stage: tlm: there is no evaluation to stop on.")
+    if getattr(training_args, "eval_strategy", "no") not in ("no", None) and str(training_args.eval_strategy) != (
+        "IntervalStrategy.NO"
+    ):
+        raise TLMConfigError("eval_strategy cannot be used with stage: tlm: set eval_strategy: no.")
+    if tlm_args.tlm_reset == "prompt" and not training_args.do_train:
+        raise TLMConfigError("tlm_reset: prompt adapts to every prompt: set do_train: true.")
+    if tlm_args.tlm_reset == "prompt" and training_args.do_predict and data_args.eval_dataset != data_args.dataset:
+        raise TLMConfigError("tlm_reset: prompt answers the test prompts themselves: leave eval_dataset unset.")
+    if tlm_args.tlm_mode == "online":
+        if training_args.do_predict and data_args.eval_dataset != data_args.dataset:
+            raise TLMConfigError(
+                "tlm_mode: online answers the stream itself: leave eval_dataset unset (or equal to dataset)."
+            )
+        if training_args.num_train_epochs != 1 or training_args.max_steps > 0:
+            raise TLMConfigError("tlm_mode: online reads the stream once: set num_train_epochs: 1 and no max_steps.")
+        if getattr(training_args, "group_by_length", False):
+            raise TLMConfigError("group_by_length cannot be used with tlm_mode: online (it reorders the stream).")
+
+
+def check_backend(training_args, tlm_args: "TLMArguments") -> None:
+    """Combinations of backend and mode that cannot work, refused before the model loads."""
+    deepspeed = training_args.deepspeed is not None
+    stage = _zero_stage(training_args) if deepspeed else None
+    fsdp = bool(getattr(training_args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if tlm_args.tlm_reset == "chunk" and deepspeed:
+        raise TLMConfigError(
+            "tlm_reset: chunk is not supported with DeepSpeed: the optimizer state it restores lives in DeepSpeed's "
+            "partitions. Use DDP (no deepspeed key) for chunk resets; the adapter's optimizer state is small."
+        )
+    if tlm_args.tlm_eata_fisher_coeff > 0 and (stage == 3 or fsdp):
+        raise TLMConfigError(
+            "tlm_eata_fisher_coeff needs per-parameter gradients before training, which ZeRO-3 / FSDP shard: use "
+            "ZeRO-0/1/2 or DDP for EATA's Fisher term."
+        )
+    if tlm_args.tlm_reset == "prompt" and fsdp:
+        raise TLMConfigError(
+            "tlm_reset: prompt adapts an independent copy of the adapter on every rank, which FSDP's sharding "
+            "cannot do. Use DDP or DeepSpeed (each rank then answers its own share of the prompts)."
+        )
+
+
+def _zero_stage(training_args) -> int | None:
+    config = training_args.hf_deepspeed_config.config if getattr(training_args, "hf_deepspeed_config", None) else None
+    if config is None:
+        import json
+
+        deepspeed = training_args.deepspeed
+        if isinstance(deepspeed, dict):
+            config = deepspeed
+        else:
+            with open(deepspeed, encoding="utf-8") as f:
+                config = json.load(f)
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def generation_kwargs(generating_args, tokenizer) -> dict[str, Any]:
+    """Arguments of ``model.generate`` as LLaMA-Factory's sft stage builds them (every end-of-turn token stops)."""
+    gen_kwargs = generating_args.to_dict(obey_generation_config=True)
+    extra = getattr(tokenizer, "additional_special_tokens_ids", None)
+    if not isinstance(extra, list):
+        names = [str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])]
+        extra = tokenizer.convert_tokens_to_ids(names) if names else []
+    gen_kwargs["eos_token_id"] = list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in extra if i != -1]))
+    gen_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    return gen_kwargs
+
+
+def identity(model_args, data_args, training_args, finetuning_args, generating_args, tlm_args) -> str:
+    """The identity of a run: every setting that changes its records and predictions (see outputs.RUN_FILE)."""
+    keys = {
+        "model": ("model_name_or_path", "adapter_name_or_path", "quantization_bit", "rope_scaling"),
+        "data": ("dataset", "dataset_dir", "template", "cutoff_len", "max_samples", "default_system"),
+        "finetuning": ("finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "pissa_init"),
+        "training": (
+            "do_train",
+            "do_predict",
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "num_train_epochs",
+            "max_steps",
+            "lr_scheduler_type",
+            "warmup_ratio",
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "optim",
+            "seed",
+            "bf16",
+            "fp16",
+            "per_device_eval_batch_size",
+        ),
+    }
+    sources = {"model": model_args, "data": data_args, "finetuning": finetuning_args, "training": training_args}
+    settings: dict[str, Any] = {"tlm": tlm_args.to_dict(), "generation": generating_args.to_dict()}
+    for name, fields in keys.items():
+        settings[name] = {f: str(getattr(sources[name], f, None)) for f in fields}
+    if tlm_args.tlm_reset != "prompt":  # checkpoints of the HF loop only resume with the same number of ranks
+        settings["world_size"] = training_args.world_size
+    return run_identity(settings)
