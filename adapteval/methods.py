@@ -38,24 +38,31 @@ class Method:
         return {**recipe, **self.overrides}
 
 
-# Shared by the adapting methods: the paper's selection (Eq. 6, lambda 0.10, P0 = e^3) on the test prompts.
-TLM_ADAPT = {"stage": "tlm", "do_train": True, "do_predict": True, "tlm_lambda": 0.10, "tlm_log_p0": 3.0}
+# Shared by the adapting methods; the paper's selection (Eq. 6, lambda 0.10, P0 = e^3) where the method uses it
+# (every recipe holds only the keys that act in its mode: stage tlm refuses the others).
+TLM_ADAPT = {"stage": "tlm", "do_train": True, "do_predict": True}
+PAPER_SELECTION = {"tlm_selector": "perplexity", "tlm_lambda": 0.10, "tlm_log_p0": 3.0}
 TLM_OFFLINE = {
     **TLM_ADAPT,
+    **PAPER_SELECTION,
     "tlm_mode": "offline",
-    "tlm_selector": "perplexity",
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.1,
 }
 TLM_ONLINE = {
     **TLM_ADAPT,
+    **PAPER_SELECTION,
     "tlm_mode": "online",
-    "tlm_selector": "perplexity",
     "tlm_chunk_size": 100,
     "lr_scheduler_type": "constant",
     "warmup_ratio": 0.0,
     "num_train_epochs": 1.0,
 }
+
+
+def _without(recipe: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in keys}
+
 
 METHODS: dict[str, Method] = {}
 BASE = "base"
@@ -109,7 +116,14 @@ register_method(
 )
 
 # The paper's entropy baselines (Table 2/3): every prompt, greedy answers of 80 tokens, offline like TLM.
-_ENTROPY = {**TLM_OFFLINE, "tlm_selector": "all", "tlm_entropy_tokens": 80}
+_ENTROPY = {
+    **TLM_ADAPT,
+    "tlm_mode": "offline",
+    "tlm_selector": "all",
+    "tlm_entropy_tokens": 80,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.1,
+}
 register_method(
     Method(
         "tent", "Tent: minimise the entropy of the model's own 80-token answers", {**_ENTROPY, "tlm_objective": "tent"}
@@ -162,13 +176,13 @@ register_method(
     Method(
         "tlm-frac",
         "TLM with P0 calibrated to select half of the prompts (tlm_select_fraction)",
-        {**TLM_OFFLINE, "tlm_select_fraction": 0.5},
+        {**_without(TLM_OFFLINE, "tlm_log_p0"), "tlm_select_fraction": 0.5},
     )
 )
 register_method(
     Method(
         "tlm-user-frac",
         "tlm-user and tlm-frac together",
-        {**TLM_OFFLINE, "tlm_loss_tokens": "user", "tlm_select_fraction": 0.5},
+        {**_without(TLM_OFFLINE, "tlm_log_p0"), "tlm_loss_tokens": "user", "tlm_select_fraction": 0.5},
     )
 )

@@ -18,8 +18,8 @@ def test_yaml_dict_is_split_into_tlm_args_and_an_sft_recipe():
 
 
 def test_command_line_flags_are_split_and_converted():
-    argv = ["--stage", "tlm", "--tlm_lambda", "0.2", "--tlm_chunk_size=7", "--do_train", "--dataset", "x"]
-    tlm_args, rest = patch.split_args(argv)
+    argv = ["--stage", "tlm", "--tlm_lambda", "0.2", "--tlm_mode", "online", "--tlm_chunk_size=7", "--do_train"]
+    tlm_args, rest = patch.split_args(argv + ["--dataset", "x"])
     assert tlm_args.tlm_lambda == 0.2 and tlm_args.tlm_chunk_size == 7
     assert rest == ["--stage", "sft", "--do_train", "--dataset", "x"]
 
@@ -44,12 +44,18 @@ def test_unknown_tlm_key_names_the_key_and_suggests():
     "key,value,match",
     [
         ("tlm_lambda", 0, "tlm_lambda"),
-        ("tlm_lambda", "abc", "tlm_lambda must be float"),
+        ("tlm_lambda", "abc", "tlm_lambda must be a number"),
         ("tlm_chunk_size", 0, "tlm_chunk_size"),
         ("tlm_mode", "sometimes", "tlm_mode must be one of"),
         ("tlm_selector", "magic", "tlm_selector must be one of"),
         ("tlm_reset", "always", "tlm_reset"),
         ("tlm_log_p0", float("nan"), "tlm_log_p0"),
+        ("tlm_log_p0", None, "tlm_log_p0 cannot be null"),
+        ("tlm_lambda", True, "tlm_lambda must be a number"),
+        ("tlm_sift_budget", 2.5, "tlm_sift_budget must be an integer"),
+        ("tlm_mode", 1, "tlm_mode must be one of"),
+        ("tlm_score_prefix_cache", "maybe", "tlm_score_prefix_cache must be true or false"),
+        ("tlm_sift_embedder", "/no/such/encoder", "tlm_sift_embedder.*/no/such/encoder"),
     ],
 )
 def test_out_of_range_values_name_the_key(key, value, match):
@@ -57,7 +63,54 @@ def test_out_of_range_values_name_the_key(key, value, match):
         patch.split_args({"stage": "tlm", key: value})
 
 
-@pytest.mark.parametrize("key", ["packing", "neat_packing", "train_on_prompt", "mask_history", "use_mca"])
+def test_wrongly_typed_chunk_size_names_the_key_even_with_an_integer_float():
+    with pytest.raises(TLMConfigError, match="tlm_chunk_size must be an integer, got 10.5"):
+        patch.split_args({"stage": "tlm", "tlm_mode": "online", "tlm_chunk_size": 10.5})
+    tlm_args, _ = patch.split_args({"stage": "tlm", "tlm_mode": "online", "tlm_chunk_size": 10.0})
+    assert tlm_args.tlm_chunk_size == 10 and isinstance(tlm_args.tlm_chunk_size, int)
+
+
+@pytest.mark.parametrize(
+    "recipe,key",
+    [
+        ({"tlm_chunk_size": 10}, "tlm_chunk_size"),  # offline has no chunks
+        ({"tlm_selector": "all", "tlm_select_fraction": 0.5}, "tlm_select_fraction"),
+        ({"tlm_selector": "all", "tlm_lambda": 0.2}, "tlm_lambda"),
+        ({"tlm_sift_budget": 5}, "tlm_sift_budget"),  # no pool selector
+        ({"tlm_selector": "nearest", "tlm_sift_alpha": 1.0}, "tlm_sift_alpha"),
+        ({"tlm_entropy_tokens": 20}, "tlm_entropy_tokens"),  # objective is perplexity
+        ({"tlm_prompt_epochs": 2}, "tlm_prompt_epochs"),  # not per prompt
+        ({"tlm_selector": "sift", "tlm_reset": "prompt", "tlm_log_p0": 2.0}, "tlm_log_p0"),
+    ],
+)
+def test_settings_that_would_do_nothing_are_refused_naming_the_key(recipe, key):
+    with pytest.raises(TLMConfigError, match=f"{key} has no effect in this run"):
+        patch.split_args({"stage": "tlm", **recipe})
+
+
+def test_settings_that_matter_in_their_mode_are_accepted():
+    for recipe in (
+        {"tlm_mode": "online", "tlm_chunk_size": 10, "tlm_select_fraction": 0.5},
+        {"tlm_selector": "sift", "tlm_sift_budget": 5, "tlm_log_p0": 2.0, "tlm_lambda": 0.2},
+        {"tlm_selector": "random", "tlm_reset": "prompt", "tlm_sift_budget": 3, "tlm_prompt_epochs": 2},
+        {"tlm_objective": "eata", "tlm_eata_e0": 0.5, "tlm_entropy_tokens": 16},
+    ):
+        patch.split_args({"stage": "tlm", **recipe})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "packing",
+        "neat_packing",
+        "train_on_prompt",
+        "mask_history",
+        "use_mca",
+        "use_dft_loss",
+        "use_eaft_loss",
+        "use_asft_loss",
+    ],
+)
 def test_options_that_cannot_work_with_tlm_are_rejected(key):
     with pytest.raises(TLMConfigError, match=key):
         patch.split_args({"stage": "tlm", key: True})
@@ -65,18 +118,41 @@ def test_options_that_cannot_work_with_tlm_are_rejected(key):
         patch.split_args(["--stage", "tlm", f"--{key}", "true"])
 
 
-def test_do_predict_fills_in_generation_and_predicts_the_test_prompts():
-    _, rest = patch.split_args({"stage": "tlm", "dataset": "a,b", "do_predict": True})
-    assert rest["predict_with_generate"] is True and rest["eval_dataset"] == "a,b"
-    _, rest = patch.split_args({"stage": "tlm", "dataset": "a", "do_predict": True, "eval_dataset": "c"})
-    assert rest["eval_dataset"] == "c"
+def test_prediction_keys_are_taken_out_of_the_sft_recipe():
+    """Stage tlm answers the prompts itself, so LLaMA-Factory never sees do_predict (nor its ZeRO-3 refusal)."""
+    tlm_args, rest = patch.split_args({"stage": "tlm", "dataset": "a,b", "do_predict": True})
+    assert "do_predict" not in rest and "predict_with_generate" not in rest and "eval_dataset" not in rest
+    assert tlm_args.predict == (True, None)
+    tlm_args, rest = patch.split_args({"stage": "tlm", "dataset": "a", "do_predict": True, "eval_dataset": "c"})
+    assert tlm_args.predict == (True, "c")
+    argv = ["--stage", "tlm", "--do_predict", "--eval_dataset", "c", "--predict_with_generate=true", "--x", "1"]
+    tlm_args, rest = patch.split_args(argv)
+    assert rest == ["--stage", "sft", "--x", "1"] and tlm_args.predict == (True, "c")
 
 
-def test_missing_seam_is_a_clear_error_not_a_silent_fallback():
+def test_missing_hook_point_only_disables_stage_tlm():
+    calls = []
     fake = types.ModuleType("llamafactory.train.tuner")
     fake.read_args = lambda a: a
+    fake.run_exp = lambda args=None, callbacks=None: calls.append(args)
+    patch.apply(fake)  # no _training_function: never raises at import
+    fake.run_exp({"stage": "sft", "dataset": "x"})
+    assert calls == [{"stage": "sft", "dataset": "x"}]
     with pytest.raises(patch.TLMPatchError, match="_training_function"):
-        patch.apply(fake)
+        fake.run_exp({"stage": "tlm", "dataset": "x"})
+
+
+def test_stage_tlm_never_goes_through_llamafactory_routing(monkeypatch):
+    """A positive check: the TLM run is reached by construction, whatever LLaMA-Factory's router would do."""
+    reached = []
+    fake = types.ModuleType("llamafactory.train.tuner")
+    fake.read_args = lambda a: a
+    fake._training_function = lambda config: reached.append("llamafactory routing")
+    monkeypatch.setattr(patch, "_run_tlm", lambda tlm_args, rest, callbacks: reached.append(("tlm", rest)))
+    patch.apply(fake)
+    fake._training_function({"args": {"stage": "tlm", "dataset": "x", "use_megatron_bridge": True}})
+    fake._training_function({"args": {"stage": "sft", "dataset": "x"}})
+    assert reached == [("tlm", {"stage": "sft", "dataset": "x", "use_megatron_bridge": True}), "llamafactory routing"]
 
 
 def test_untested_version_warns(monkeypatch):

@@ -6,17 +6,22 @@ smallest that lets a recipe parse on this machine:
 - ``output_dir`` -> a temporary folder (nothing is written into the repository; the parser inspects it).
 - ``use_cpu: true`` when the recipe says ``bf16: true`` and no GPU is present: transformers refuses bf16 on a
   machine without GPU unless told to run on CPU.
-- ``deepspeed`` removed: LLaMA-Factory requires the deepspeed package (not installed here) and a distributed
-  process launched by torchrun for it. The value itself is checked separately (ZeRO-2, FORCE_TORCHRUN launch).
+- a recipe with a ``deepspeed`` key keeps it: it is parsed in a fresh process that looks like a one-rank torchrun
+  worker (LLaMA-Factory refuses DeepSpeed outside a distributed launch), with the JSON file the recipe names.
 """
 
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tlm_plugin.patch import split_args
+from tlm_plugin.patch import parse_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,18 +42,53 @@ def _id(path: Path) -> str:
     return str(path.relative_to(REPO / "recipes"))
 
 
-def parse(path: Path, tmp_path: Path):
-    """(tlm arguments, LLaMA-Factory's five argument objects) of the recipe, with the overrides documented above."""
+def load(path: Path, tmp_path: Path) -> dict:
     import torch
-    from llamafactory.hparams import get_train_args
 
     recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     recipe["output_dir"] = str(tmp_path / "output")
     if recipe.get("bf16") and not torch.cuda.is_available():
         recipe["use_cpu"] = True
+    return recipe
+
+
+def parse(path: Path, tmp_path: Path):
+    """(tlm arguments, LLaMA-Factory's five argument objects) of a recipe, its ``deepspeed`` key left out (the
+    settings checks need no DeepSpeed; :func:`parse_in_worker` parses the recipe with it)."""
+    recipe = load(path, tmp_path)
     recipe.pop("deepspeed", None)
-    tlm_args, rest = split_args(recipe)
-    return tlm_args, get_train_args(rest)
+    return parse_recipe(recipe)
+
+
+def parse_in_worker(path: Path, tmp_path: Path) -> dict:
+    """Parse a DeepSpeed recipe as a one-rank torchrun worker would; returns what the run would see."""
+    recipe = load(path, tmp_path)
+    recipe["deepspeed"] = str(REPO / recipe["deepspeed"])  # the recipes name it relative to the clone
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DS_ACCELERATOR": "cpu",
+    }
+    code = (
+        "import json, sys; from tlm_plugin.patch import parse_recipe\n"
+        "t, (m, d, tr, f, g) = parse_recipe(json.loads(sys.argv[1]))\n"
+        "cfg = tr.hf_deepspeed_config.config\n"
+        "print(json.dumps({'stage': cfg['zero_optimization']['stage'], 'do_predict': tr.do_predict, "
+        "'eval_dataset': d.eval_dataset, 'dataset': d.dataset, 'tlm_mode': t.tlm_mode}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(recipe)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_there_are_paper_recipes_for_every_model_and_bench():
@@ -70,9 +110,13 @@ def test_recipe_is_parsed_by_llamafactory(path, tmp_path):
         positions = [text.index(header + "\n") for header in HEADERS]
         assert positions == sorted(positions), "headers out of order"
 
+    if "deepspeed:" in text:
+        seen = parse_in_worker(path, tmp_path)
+        assert seen["do_predict"] and seen["eval_dataset"] == seen["dataset"]
+        return
     tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
     assert tlm_args is not None, "every recipe here is a stage: tlm recipe"
-    assert training_args.do_predict and training_args.predict_with_generate
+    assert training_args.do_predict
     assert data_args.eval_dataset == data_args.dataset  # stage tlm answers the test prompts themselves
     assert generating_args.do_sample is False
 
@@ -105,9 +149,24 @@ def test_paper_recipe_has_the_paper_settings(path, tmp_path):
         assert str(training_args.lr_scheduler_type.value) == "cosine" and training_args.warmup_ratio == 0.1
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if "deepspeed" in p.read_text()], ids=_id)
-def test_multigpu_recipe_uses_zero2_and_a_torchrun_launch(path):
+DEEPSPEED_RECIPES = [p for p in RECIPES if "deepspeed:" in p.read_text()]
+
+
+def test_there_are_deepspeed_recipes_for_one_and_several_nodes():
+    assert {p.stem for p in DEEPSPEED_RECIPES} >= {
+        "llama3_8b_instruct_domain_multigpu",
+        "llama3_8b_instruct_domain_multinode",
+    }
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_RECIPES, ids=_id)
+def test_deepspeed_recipe_names_a_shipped_config_and_a_torchrun_launch(path, tmp_path):
     text = path.read_text(encoding="utf-8")
-    assert yaml.safe_load(text)["deepspeed"] == "examples/deepspeed/ds_z2_config.json"
+    config = REPO / yaml.safe_load(text)["deepspeed"]
+    assert config.is_file() and config.parent == REPO / "recipes" / "deepspeed"
     assert text.startswith("# FORCE_TORCHRUN=1 llamafactory-cli train ")
-    assert "ZeRO-3 is incompatible with predict_with_generate" in text
+    expected_stage = 3 if "multinode" in path.stem else 2
+    assert json.loads(config.read_text())["zero_optimization"]["stage"] == expected_stage
+    assert parse_in_worker(path, tmp_path)["stage"] == expected_stage
+    if "multinode" in path.stem:
+        assert all(word in text for word in ("NNODES=2", "NODE_RANK=0", "MASTER_ADDR", "NODE_RANK=1"))

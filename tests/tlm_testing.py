@@ -118,7 +118,6 @@ def base_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) 
         "save_strategy": "no",
         "report_to": "none",
         "seed": 0,
-        "tlm_log_p0": 0.0,
         "do_sample": False,
         "max_new_tokens": 8,
         "per_device_eval_batch_size": 4,

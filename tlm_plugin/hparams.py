@@ -265,6 +265,8 @@ class TLMArguments:
         if not (self.tlm_selector in ("perplexity", "random") and not per_prompt) and not pool_subset:
             inert["tlm_log_p0"] = "it sets the threshold P0 of tlm_selector perplexity / random (and the weights of "
             inert["tlm_log_p0"] += "pool rows picked for all prompts)"
+        if self.tlm_select_fraction is not None and not pool_subset:
+            inert["tlm_log_p0"] = "tlm_select_fraction calibrates P0 and replaces it"
         if self.tlm_selector != "perplexity" and not pool_subset:
             inert["tlm_lambda"] = "it scales S(x) of tlm_selector: perplexity (all and random weigh every row 1)"
         if self.tlm_objective == "perplexity":

@@ -201,6 +201,28 @@ def apply(tuner: ModuleType) -> None:
     tuner._training_function = _training_function
 
 
+def parse_recipe(args: Any):
+    """A stage-tlm recipe (dict or flags) -> (tlm arguments, LLaMA-Factory's five argument objects), as a run sees
+    them: the sft part parsed and validated by LLaMA-Factory, the prediction settings put back for stage tlm."""
+    tlm_args, rest = split_args(args)
+    if tlm_args is None:
+        raise TLMConfigError("not a stage: tlm recipe")
+    return tlm_args, _parse_sft_part(tlm_args, rest)
+
+
+def _parse_sft_part(tlm_args: TLMArguments, rest: Any):
+    from tlm_plugin import seam
+
+    get_train_args = seam.resolve("llamafactory.hparams.get_train_args")
+    model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(rest)
+    do_predict, eval_dataset = tlm_args.predict
+    training_args.do_predict = do_predict
+    names = eval_dataset if eval_dataset is not None else ",".join(data_args.dataset or [])
+    data_args.eval_dataset = [n.strip() for n in str(names).split(",") if n.strip()] if do_predict else None
+    finetuning_args.stage = STAGE
+    return model_args, data_args, training_args, finetuning_args, generating_args
+
+
 def _run_tlm(tlm_args: TLMArguments, rest: Any, callbacks: list | None) -> None:
     """Parse the sft part with LLaMA-Factory's own parser, add the callbacks it gives sft, run the TLM workflow."""
     import torch.distributed as dist
@@ -208,16 +230,10 @@ def _run_tlm(tlm_args: TLMArguments, rest: Any, callbacks: list | None) -> None:
     from tlm_plugin import seam
     from tlm_plugin.train.workflow import run_tlm
 
-    get_train_args = seam.resolve("llamafactory.hparams.get_train_args")
-    model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(rest)
-    do_predict, eval_dataset = getattr(tlm_args, "predict", (False, None))
-    training_args.do_predict = do_predict
-    names = eval_dataset if eval_dataset is not None else ",".join(data_args.dataset or [])
-    data_args.eval_dataset = [n.strip() for n in str(names).split(",") if n.strip()] if do_predict else None
+    model_args, data_args, training_args, finetuning_args, generating_args = _parse_sft_part(tlm_args, rest)
     callbacks = list(callbacks or []) + seam.sft_callbacks(
         model_args, data_args, training_args, finetuning_args, generating_args
     )
-    finetuning_args.stage = STAGE
     token = _active.set(tlm_args)
     try:
         run_tlm(model_args, data_args, training_args, finetuning_args, generating_args, tlm_args, callbacks)

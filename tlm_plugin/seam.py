@@ -118,10 +118,15 @@ def template_classes() -> dict[str, Any]:
     }
 
 
-def encode_function(template) -> Any:
-    """The ``_encode`` implementation ``template`` uses (to tell plain templates from overriding ones)."""
-    resolve("llamafactory.data.template.Template._encode")
-    return type(template)._encode
+def encode_kind(template) -> str | None:
+    """Which element-by-element encoding ``template`` uses: ``"plain"`` (``Template._encode``), ``"llama2"`` (the
+    system text glued in front of the first user turn) or None (an override the user-token mask cannot follow)."""
+    encode = type(template)._encode
+    if encode is resolve("llamafactory.data.template.Template._encode"):
+        return "plain"
+    if encode is resolve("llamafactory.data.template.Llama2Template._encode"):
+        return "llama2"
+    return None
 
 
 def elements_to_ids(template, tokenizer, elements: list) -> list[int]:

@@ -49,10 +49,10 @@ def test_offline_run_leaves_adapter_records_and_predictions(tiny_model, tiny_dat
 
 def test_command_line_flags_and_key_value_overrides(tiny_model, tiny_data, tmp_path):
     recipe = base_recipe(tiny_model, tiny_data, tmp_path / "a")
-    proc = run_cli(recipe, tmp_path, args=["tlm_lambda=0.25", "tlm_selector=all"])
+    proc = run_cli(recipe, tmp_path, args=["tlm_lambda=0.25", "tlm_log_p0=2.5"])
     check_ok(proc)
     settings = json.loads((tmp_path / "a" / "tlm_summary.json").read_text())["settings"]
-    assert settings["tlm_lambda"] == 0.25 and settings["tlm_selector"] == "all"
+    assert settings["tlm_lambda"] == 0.25 and settings["tlm_log_p0"] == 2.5
 
     import os
     import subprocess
@@ -119,7 +119,8 @@ def test_torchrun_two_processes_every_row_exactly_once(tiny_model, tmp_path, mod
     rows = [{"instruction": f"{q} ({i})", "input": "", "output": a} for i, (q, a) in enumerate(QUESTIONS[:11])]
     data = write_dataset(tmp_path / "data", rows)  # 11 rows: an odd count exercises the uneven last batch
     out = tmp_path / "out"
-    recipe = base_recipe(tiny_model, data, out, do_predict=True, tlm_mode=mode, tlm_chunk_size=3, tlm_log_p0=5.98)
+    chunk = {"tlm_chunk_size": 3} if mode == "online" else {}
+    recipe = base_recipe(tiny_model, data, out, do_predict=True, tlm_mode=mode, tlm_log_p0=5.98, **chunk)
     check_ok(run_cli(recipe, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}))
     scores = read_jsonl(out / "tlm_scores.jsonl")
     assert [r["index"] for r in scores] == list(range(11))
@@ -223,13 +224,30 @@ def test_non_finite_loss_skips_the_update_and_is_recorded(tiny_model, tiny_data,
 
     monkeypatch.setattr(trainer_module, "tlm_loss", poisoned)
     monkeypatch.setattr(trainer_module.TLMTrainer, "compute_loss", compute)
+    # a warm-up over the first updates: a skipped update that advanced the scheduler would shift every later LR
+    common = dict(
+        tlm_selector="all",
+        disable_shuffling=True,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=6,
+        learning_rate=1e-2,
+    )
     out = tmp_path / "out"
-    run_in_process(base_recipe(tiny_model, tiny_data, out, tlm_selector="all", disable_shuffling=True))
+    run_in_process(base_recipe(tiny_model, tiny_data, out, **common))
     summary = json.loads((out / "tlm_summary.json").read_text())
     assert summary["nonfinite_rows"] == [3]
     assert summary["backward_passes"] == len(QUESTIONS) - 1
-    weights = load_file(str(out / "adapter_model.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert (summary["optimizer_steps"], summary["skipped_steps"]) == (len(QUESTIONS) - 1, 1)
+
+    # the same as a run that never saw row 3: no optimizer, scheduler or moment update came from it
+    monkeypatch.undo()
+    rows = [{"instruction": q, "input": "", "output": a} for i, (q, a) in enumerate(QUESTIONS) if i != 3]
+    without = write_dataset(tmp_path / "without", rows)
+    run_in_process(base_recipe(tiny_model, without, tmp_path / "without_out", **common))
+    poisoned_run, clean_run = adapter(out), adapter(tmp_path / "without_out")
+    for key in clean_run:
+        assert torch.isfinite(poisoned_run[key]).all()
+        torch.testing.assert_close(poisoned_run[key], clean_run[key], rtol=0, atol=1e-7)
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -237,18 +255,27 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_reset_chunk_learns_from_the_last_chunk_only(tiny_model, tmp_path):
-    """With tlm_reset: chunk, adapter and optimizer restart per chunk: the final adapter equals a fresh run on
-    the last chunk alone (same seed, constant LR)."""
+    """With tlm_reset: chunk, adapter, optimizer, LR schedule and gradients restart per chunk: the final adapter
+    equals a fresh run on the last chunk alone. The schedule warms up (its position must be restored) and two
+    batches accumulate per update over chunks of 3 (an update must not straddle two chunks)."""
     rows = [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS]
     data = write_dataset(tmp_path / "data", rows)
-    write_dataset(tmp_path / "data", rows[8:], name="last")
-    common = dict(tlm_mode="online", tlm_chunk_size=4, tlm_selector="all", learning_rate=1e-2)
+    write_dataset(tmp_path / "data", rows[9:], name="last")
+    common = dict(
+        tlm_mode="online",
+        tlm_chunk_size=3,
+        tlm_selector="all",
+        learning_rate=1e-2,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=2,
+        gradient_accumulation_steps=2,
+    )
     run_in_process(base_recipe(tiny_model, data, tmp_path / "reset", tlm_reset="chunk", **common))
     run_in_process(base_recipe(tiny_model, data, tmp_path / "last", dataset="last", **common))
     run_in_process(base_recipe(tiny_model, data, tmp_path / "never", **common))
     reset, last, never = adapter(tmp_path / "reset"), adapter(tmp_path / "last"), adapter(tmp_path / "never")
     for key in reset:
-        torch.testing.assert_close(reset[key], last[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(reset[key], last[key], rtol=0, atol=1e-7)
     assert any(not torch.allclose(never[k], last[k], atol=1e-5) for k in never if "lora_B" in k)
 
 

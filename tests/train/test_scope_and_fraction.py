@@ -7,7 +7,7 @@ import torch
 from tlm_testing import QUESTIONS, base_recipe, read_jsonl
 
 from tlm_plugin.hparams import TLMArguments
-from tlm_plugin.selectors import get_selector
+from tlm_plugin.train.setup import build_selector
 from tlm_plugin.selectors.perplexity import quantile_threshold
 
 
@@ -19,7 +19,7 @@ def test_quantile_threshold_selects_the_requested_fraction():
 
 
 def test_offline_fraction_overrides_log_p0_and_records_it():
-    selector = get_selector(TLMArguments(tlm_select_fraction=0.5, tlm_log_p0=100.0))
+    selector = build_selector(TLMArguments(tlm_select_fraction=0.5, tlm_log_p0=100.0))
     w = selector.weights(torch.tensor([4.0, 2.0, 5.0, 3.0]))
     assert (w > 0).tolist() == [True, False, True, False]
     assert selector.log_p0_used == 3.0
@@ -27,7 +27,7 @@ def test_offline_fraction_overrides_log_p0_and_records_it():
 
 
 def test_online_fraction_is_a_running_quantile_of_the_prompts_seen():
-    selector = get_selector(TLMArguments(tlm_select_fraction=0.5, tlm_mode="online"))
+    selector = build_selector(TLMArguments(tlm_select_fraction=0.5, tlm_mode="online"))
     assert selector.weights(torch.tensor([3.0, 1.0])).tolist()[1] == 0
     assert selector.log_p0_used == 1.0
     selector.weights(torch.tensor([10.0, 9.0]))  # seen: 3, 1, 10, 9 -> threshold 3

@@ -35,44 +35,58 @@ def test_subset_mode_trains_on_the_sift_picks(tiny_model, tiny_data, tmp_path):
     assert len(read_jsonl(out / "generated_predictions.jsonl")) == len(QUESTIONS)
 
 
-def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tiny_data, tmp_path, monkeypatch):
-    from tlm_plugin.train import per_prompt
-
-    states = []
-    original_restore = per_prompt.restore
-
-    def spy(model, optimizer, snapshot):
-        original_restore(model, optimizer, snapshot)
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        assert not optimizer.state  # the optimizer is back to its empty starting state
-
-    monkeypatch.setattr(per_prompt, "restore", spy)
-    out = tmp_path / "out"
-    recipe = base_recipe(
-        tiny_model,
-        tiny_data,
-        out,
+def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tmp_path):
+    """Every prompt starts from exactly the same adapter, optimizer state and LR schedule position: a prompt's
+    record does not depend on which prompts were answered before it (the run in reverse order gives the very same
+    records), although each prompt's own steps do change the model (the losses fall within a prompt)."""
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS]
+    data = write_dataset(tmp_path / "data", rows)
+    write_dataset(data, rows[::-1], name="reversed")
+    write_dataset(data, [{"instruction": f"Note: {q}", "input": "", "output": a} for q, a in QUESTIONS], name="pool")
+    common = dict(
         tlm_selector="sift",
         tlm_reset="prompt",
         tlm_sift_budget=3,
+        tlm_pool_dataset="pool",
         do_predict=True,
         learning_rate=1e-2,
+        lr_scheduler_type="linear",  # a schedule that moves within a prompt: its position must be restored too
+        warmup_steps=1,
+        optim="adamw_torch",
     )
-    run_in_process(recipe)
-    assert len(states) == len(QUESTIONS)
-    for state in states[1:]:  # every prompt starts from bit-identical weights, frozen and trainable alike
-        assert all(torch.equal(state[k], states[0][k]) for k in state)
+    run_in_process(base_recipe(tiny_model, data, tmp_path / "fwd", **common))
+    run_in_process(base_recipe(tiny_model, data, tmp_path / "rev", dataset="reversed", **common))
+    fwd = read_jsonl(tmp_path / "fwd" / "tlm_sift_selection.jsonl")
+    rev = read_jsonl(tmp_path / "rev" / "tlm_sift_selection.jsonl")[::-1]
+    assert [line["index"] for line in fwd] == list(range(len(QUESTIONS)))
+    for a, b in zip(fwd, rev):
+        assert a["picks"] == b["picks"] and a["step_losses"] == b["step_losses"]  # bit for bit
+        assert a["step_losses"][-1] < a["step_losses"][0] or a["step_losses"][0] == a["step_losses"][1]
+    scores_f = read_jsonl(tmp_path / "fwd" / "tlm_scores.jsonl")
+    scores_r = read_jsonl(tmp_path / "rev" / "tlm_scores.jsonl")[::-1]
+    assert [r["log_ppl_after"] for r in scores_f] == [r["log_ppl_after"] for r in scores_r]
+    assert sum(r["log_ppl_after"] < r["log_ppl"] for r in scores_f) >= 2 * len(scores_f) // 3
+    preds_f = read_jsonl(tmp_path / "fwd" / "generated_predictions.jsonl")
+    preds_r = read_jsonl(tmp_path / "rev" / "generated_predictions.jsonl")[::-1]
+    assert [p["predict"] for p in preds_f] == [p["predict"] for p in preds_r]
+    assert all("user\n" + q in p["prompt"] for p, (q, _) in zip(preds_f, QUESTIONS))
+    # the adapter left in output_dir is the untouched starting adapter (LoRA B starts at zero)
+    weights = load_file(str(tmp_path / "fwd" / "adapter_model.safetensors"))
+    assert all(float(v.abs().sum()) == 0.0 for k, v in weights.items() if "lora_B" in k)
 
-    lines = read_jsonl(out / "tlm_sift_selection.jsonl")
-    assert [line["index"] for line in lines] == list(range(len(QUESTIONS)))
-    assert all(len(line["picks"]) == 3 for line in lines)
-    rows = read_jsonl(out / "tlm_scores.jsonl")
-    # each prompt is answered by a model adapted for it (the prompt itself is in the pool, so SIFT picks it first)
-    assert sum(r["log_ppl_after"] < r["log_ppl"] for r in rows) >= 2 * len(rows) // 3
-    assert sum(r["log_ppl_after"] for r in rows) < sum(r["log_ppl"] for r in rows)
-    preds = read_jsonl(out / "generated_predictions.jsonl")
-    assert len(preds) == len(QUESTIONS)
-    assert all("user\n" + q in p["prompt"] for p, (q, _) in zip(preds, QUESTIONS))
+
+def test_per_prompt_uses_the_recipes_optimizer(tiny_model, tmp_path):
+    """optim is honoured per prompt: SGD and AdamW take different steps from the same start."""
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS[:3]]
+    data = write_dataset(tmp_path / "data", rows)
+    losses = {}
+    for optim in ("sgd", "adamw_torch"):
+        out = tmp_path / optim
+        common = dict(tlm_selector="nearest", tlm_reset="prompt", tlm_sift_budget=3, learning_rate=0.5, optim=optim)
+        run_in_process(base_recipe(tiny_model, data, out, **common))
+        losses[optim] = [line["step_losses"] for line in read_jsonl(out / "tlm_sift_selection.jsonl")]
+    assert all(a[0] == b[0] for a, b in zip(losses["sgd"], losses["adamw_torch"]))  # same start
+    assert all(a[1:] != b[1:] for a, b in zip(losses["sgd"], losses["adamw_torch"]))  # different steps
 
 
 def test_nearest_spends_its_budget_on_duplicates_sift_does_not(tiny_model, tmp_path):

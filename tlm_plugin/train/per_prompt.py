@@ -11,7 +11,7 @@ gradient is synchronised. Under ZeRO-3 every rank first gathers the whole model 
 
 Interruptible: each answered prompt is appended at once to ``tlm_prompts.rank<r>.jsonl``; rerunning the same command
 skips the prompts found there (whatever the number of ranks) and the final files are assembled in dataset order
-when every prompt is done.
+when every prompt is done (records travel between ranks by collectives, so nodes need no shared file system).
 """
 
 import glob
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
 from tlm_plugin.selectors.base import PromptDataSource
 from tlm_plugin.train import outputs
-from tlm_plugin.train.backend import barrier, full_parameters, rank_and_world
+from tlm_plugin.train.backend import all_gather_objects, barrier, full_parameters, rank_and_world
 from tlm_plugin.train.generation import append_lines, generate_ids
 from tlm_plugin.train.loss import token_nll
 from tlm_plugin.train.passes import row_nll
@@ -82,11 +82,15 @@ def make_source(run) -> PromptDataSource:
 
 
 def _done(output_dir: str) -> dict[int, dict[str, Any]]:
-    """Records of the prompts already answered, from every rank's part file (complete lines only)."""
-    done = {}
+    """Records of the prompts already answered, from the part files every rank sees (complete lines only),
+    merged over ranks (nodes without a shared file system each contribute their own files)."""
+    local = {}
     for path in sorted(glob.glob(os.path.join(output_dir, PART_PATTERN.format(rank="*")))):
         for record in outputs.read_jsonl(path):
-            done[int(record["index"])] = record
+            local[int(record["index"])] = record
+    done: dict[int, dict[str, Any]] = {}
+    for part in all_gather_objects(local):
+        done.update(part)
     return done
 
 

@@ -136,10 +136,10 @@ def _message_elements(
     template: Template, i: int, message: dict[str, str], system: str | None, tools: str | None
 ) -> list[Element]:
     """The elements ``Template._encode`` (or ``Llama2Template._encode``) builds for message ``i``, with spans."""
-    encode = seam.encode_function(template)
-    if encode not in (Template._encode, Llama2Template._encode):
+    kind = seam.encode_kind(template)
+    if kind is None:
         raise TemplateScopeError(f"Template {_template_name(template)!r} overrides _encode; not supported.")
-    fuses_system = encode is Llama2Template._encode  # the system text is glued in front of the first user turn
+    fuses_system = kind == "llama2"  # the system text is glued in front of the first user turn
     system = system or template.default_system
     role, content = message["role"], message["content"]
 
