@@ -72,45 +72,49 @@ def test_command_line_flags_and_key_value_overrides(tiny_model, tiny_data, tmp_p
     assert summary["mode"] == "online" and summary["settings"]["tlm_lambda"] == 0.2
 
 
-def test_online_predicts_each_chunk_before_learning_from_it(tiny_model, tiny_data, tmp_path):
-    base = tmp_path / "base"
-    check_ok(
-        run_cli(
-            base_recipe(
-                tiny_model,
-                tiny_data,
-                base,
-                stage="sft",
-                do_train=False,
-                do_predict=True,
-                finetuning_type="lora",
-                tlm_log_p0=None,
-                eval_dataset="tiny",
-                predict_with_generate=True,
-            ),
-            tmp_path,
-        )
-    )
-    online = tmp_path / "online"
-    recipe = base_recipe(
-        tiny_model,
-        tiny_data,
-        online,
-        do_predict=True,
-        tlm_mode="online",
-        tlm_chunk_size=4,
+def test_online_answers_every_chunk_with_exactly_the_adapter_that_learned_the_chunks_before_it(tiny_model, tmp_path):
+    """For every chunk c, the online answers equal those of an independent offline run that learned rows 0..4c-1
+    in stream order (one step each, the same settings): no chunk is answered by an adapter that saw it, none by an
+    adapter that missed an earlier chunk."""
+    rows = [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS]
+    data = write_dataset(tmp_path / "data", rows)
+    for c in (1, 2):
+        write_dataset(data, rows[: 4 * c], name=f"first{4 * c}")
+    common = dict(
         tlm_selector="all",
         learning_rate=5e-2,
+        lr_scheduler_type="constant",
+        do_predict=True,
+        per_device_eval_batch_size=4,
+        max_new_tokens=12,
     )
-    check_ok(run_cli(recipe, tmp_path))
-
-    base_preds = [p["predict"] for p in read_jsonl(base / "generated_predictions.jsonl")]
+    online = tmp_path / "online"
+    run_in_process(base_recipe(tiny_model, data, online, tlm_mode="online", tlm_chunk_size=4, **common))
     online_preds = [p["predict"] for p in read_jsonl(online / "generated_predictions.jsonl")]
     assert len(online_preds) == len(QUESTIONS)
-    assert online_preds[:4] == base_preds[:4]  # chunk 0 is answered before any update
-    assert online_preds[4:] != base_preds[4:]  # later chunks by a model that learned from earlier ones
-    rows = read_jsonl(online / "tlm_scores.jsonl")
-    assert [r["chunk"] for r in rows] == [i // 4 for i in range(len(QUESTIONS))]
+    for c in range(3):
+        ref = tmp_path / f"ref{c}"
+        if c == 0:  # chunk 0: the unadapted model
+            run_in_process(base_recipe(tiny_model, data, ref, do_train=False, **common))
+        else:
+            run_in_process(
+                base_recipe(
+                    tiny_model,
+                    data,
+                    ref,
+                    dataset=f"first{4 * c}",
+                    eval_dataset="tiny",
+                    disable_shuffling=True,
+                    **common,
+                )
+            )
+        ref_preds = [p["predict"] for p in read_jsonl(ref / "generated_predictions.jsonl")]
+        assert online_preds[4 * c : 4 * c + 4] == ref_preds[4 * c : 4 * c + 4], f"chunk {c}"
+    assert (
+        online_preds[4:8] != [p["predict"] for p in read_jsonl(tmp_path / "ref0" / "generated_predictions.jsonl")][4:8]
+    )
+    scores = read_jsonl(online / "tlm_scores.jsonl")
+    assert [r["chunk"] for r in scores] == [i // 4 for i in range(len(QUESTIONS))]
     assert json.loads((online / "tlm_summary.json").read_text())["backward_passes"] == len(QUESTIONS)
 
 

@@ -7,8 +7,8 @@ import torch
 from tlm_testing import QUESTIONS, base_recipe, read_jsonl
 
 from tlm_plugin.hparams import TLMArguments
-from tlm_plugin.train.setup import build_selector
 from tlm_plugin.selectors.perplexity import quantile_threshold
+from tlm_plugin.train.setup import build_selector
 
 
 def test_quantile_threshold_selects_the_requested_fraction():
@@ -36,13 +36,8 @@ def test_online_fraction_is_a_running_quantile_of_the_prompts_seen():
 
 @pytest.mark.slow
 def test_user_scope_scores_match_a_direct_computation(tiny_model, tiny_data, tmp_path):
-    from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments
     from llamafactory.train.tuner import run_exp
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tlm_plugin.train.loss import log_perplexity
-    from tlm_plugin.train.token_scope import user_content_mask
 
     out = tmp_path / "out"
     run_exp(base_recipe(tiny_model, tiny_data, out, tlm_loss_tokens="user", tlm_select_fraction=0.5))
@@ -52,19 +47,26 @@ def test_user_scope_scores_match_a_direct_computation(tiny_model, tiny_data, tmp
     assert summary["n_selected"] == len(QUESTIONS) // 2
     assert summary["log_p0_used"] == pytest.approx(sorted(r["log_ppl"] for r in rows)[len(rows) // 2 - 1])
 
+    # expected values computed here, without the plugin's helpers: the chatml prompt as text, the user's
+    # characters located in it, each token kept when most of its characters are the user's, and the NLL of the kept
+    # tokens from a plain forward of the unadapted model
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="chatml"))
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    for row, (question, answer) in zip(rows, QUESTIONS):
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        ids, mask = user_content_mask(template, tokenizer, messages)
-        assert tokenizer.decode([t for t, m in zip(ids, mask) if m]).strip() == question
-        ids_t, mask_t = torch.tensor([ids]), torch.tensor([mask])
+    head = "<|im_start|>user\n"
+    for row, (question, _) in zip(rows, QUESTIONS):
+        text = f"{head}{question}<|im_end|>\n<|im_start|>assistant\n"
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        start, end = len(head), len(head) + len(question)
+        keep = [2 * max(0, min(b, end) - max(a, start)) > (b - a) for a, b in enc["offset_mapping"]]
+        assert tokenizer.decode([t for t, k in zip(enc["input_ids"], keep) if k]).strip() == question
+        ids = torch.tensor([enc["input_ids"]])
         with torch.no_grad():
-            direct, _ = log_perplexity(model(ids_t).logits, ids_t, mask_t)
-        assert row["log_ppl"] == pytest.approx(float(direct), abs=1e-4)
-        full, _ = log_perplexity(model(ids_t).logits.detach(), ids_t, torch.ones_like(ids_t))
-        assert abs(row["log_ppl"] - float(full)) > 1e-3  # the scope really changed what is counted
+            log_probs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+        nll = -log_probs[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        counted = torch.tensor(keep[1:])
+        assert row["n_tokens"] == ids.shape[1]
+        assert row["log_ppl"] == pytest.approx(float(nll[counted].mean()), abs=1e-4)
+        assert abs(row["log_ppl"] - float(nll.mean())) > 1e-3  # the scope really changed what is counted
         assert row["log_ppl_user"] == pytest.approx(row["log_ppl"], abs=1e-6)
         assert row["log_ppl_user_after"] == pytest.approx(row["log_ppl_after"], abs=1e-6)
 
@@ -75,7 +77,7 @@ def test_prompt_scope_run_also_records_the_user_token_log_ppl(tiny_model, tiny_d
 
     user_out, prompt_out = tmp_path / "user", tmp_path / "prompt"
     run_exp(base_recipe(tiny_model, tiny_data, user_out, tlm_loss_tokens="user", do_train=False))
-    run_exp(base_recipe(tiny_model, tiny_data, prompt_out, tlm_selector="all"))
+    run_exp(base_recipe(tiny_model, tiny_data, prompt_out, tlm_selector="all", learning_rate=1e-2))
     user_rows, prompt_rows = read_jsonl(user_out / "tlm_scores.jsonl"), read_jsonl(prompt_out / "tlm_scores.jsonl")
     for user_row, prompt_row in zip(user_rows, prompt_rows, strict=True):
         # before adaptation both runs score the same unadapted model over the same user tokens
