@@ -120,7 +120,7 @@ class OnlineStream:
             outputs.truncate_lines(os.path.join(self.run.output_dir, PREDICTIONS_FILE), self.prediction_lines)
             outputs.truncate_lines(os.path.join(self.run.output_dir, outputs.SCORES_FILE), self.score_lines)
         barrier()
-        logger.info_rank0(f"Resuming the stream after chunk {self.finished} of {self.n_chunks}.")
+        logger.warning_rank0(f"Resuming the stream after chunk {self.finished} of {self.n_chunks} (0-based).")
 
     # ------------------------------------------------------------------ chunk boundaries
     def on_train_begin(self) -> None:

@@ -189,7 +189,7 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows = base_rows(run, prompt_scores)
         done = _done(run.output_dir) if run.resume_from is not None else {}
         if done:
-            logger.info_rank0(f"Resuming: {len(done)} of {len(rows)} prompts were answered before.")
+            logger.warning_rank0(f"Resuming: {len(done)} of {len(rows)} prompts were answered before.")
         todo = [p for p in range(rank, len(run.prompts), world) if p not in done]
         learner = PromptLearner(run)
         part = os.path.join(run.output_dir, PART_PATTERN.format(rank=rank))

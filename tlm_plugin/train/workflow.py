@@ -232,7 +232,7 @@ def _resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str |
             logger.warning_rank0(f"No complete stage-tlm checkpoint in {out}: the run starts over.")
     if resume is not None:
         outputs.check_identity(out, run_id)
-        logger.info_rank0(f"Resuming the interrupted stage-tlm run in {out} from {resume}.")
+        logger.warning_rank0(f"Resuming the interrupted stage-tlm run in {out} from {resume}.")
     if rank_and_world()[0] == 0:
         if resume is None:
             outputs.start_fresh(out)
