@@ -18,7 +18,9 @@ from tlm_testing import CANARY, QUESTIONS, VENV_BIN, base_recipe, read_jsonl, ru
 
 
 pytestmark = pytest.mark.slow
-ROWS = [{"instruction": f"{q} (case {k})", "input": "", "output": f"{a} {CANARY}"} for k in range(4) for q, a in QUESTIONS]
+ROWS = [
+    {"instruction": f"{q} (case {k})", "input": "", "output": f"{a} {CANARY}"} for k in range(4) for q, a in QUESTIONS
+]
 
 
 def big_data(tmp_path: Path) -> Path:
@@ -66,8 +68,15 @@ def ok(proc) -> None:
 def test_online_run_killed_mid_stream_resumes_to_identical_files(tiny_model, tmp_path):
     data = big_data(tmp_path)
     common = dict(
-        dataset="big", do_predict=True, tlm_mode="online", tlm_chunk_size=4, tlm_log_p0=5.99, max_new_tokens=16,
-        lr_scheduler_type="constant", save_strategy="steps", overwrite_output_dir=False,
+        dataset="big",
+        do_predict=True,
+        tlm_mode="online",
+        tlm_chunk_size=4,
+        tlm_log_p0=5.99,
+        max_new_tokens=16,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        overwrite_output_dir=False,
     )
     ok(run_cli(base_recipe(tiny_model, data, tmp_path / "reference", **common), tmp_path))
     killed = tmp_path / "killed"
@@ -93,8 +102,14 @@ def test_online_run_killed_mid_stream_resumes_to_identical_files(tiny_model, tmp
 def test_per_prompt_run_killed_resumes_at_the_first_unanswered_prompt(tiny_model, tmp_path):
     data = big_data(tmp_path)
     common = dict(
-        dataset="big", do_predict=True, tlm_selector="nearest", tlm_reset="prompt", tlm_sift_budget=2,
-        learning_rate=1e-2, max_new_tokens=16, overwrite_output_dir=False,
+        dataset="big",
+        do_predict=True,
+        tlm_selector="nearest",
+        tlm_reset="prompt",
+        tlm_sift_budget=2,
+        learning_rate=1e-2,
+        max_new_tokens=16,
+        overwrite_output_dir=False,
     )
     ok(run_cli(base_recipe(tiny_model, data, tmp_path / "reference", **common), tmp_path))
     killed = tmp_path / "killed"
@@ -118,8 +133,13 @@ def test_per_prompt_run_killed_resumes_at_the_first_unanswered_prompt(tiny_model
 def test_offline_run_resumes_training_from_its_last_checkpoint(tiny_model, tmp_path):
     data = big_data(tmp_path)
     common = dict(
-        dataset="big", tlm_selector="all", save_strategy="steps", save_steps=8, overwrite_output_dir=False,
-        lr_scheduler_type="cosine", learning_rate=1e-2,
+        dataset="big",
+        tlm_selector="all",
+        save_strategy="steps",
+        save_steps=8,
+        overwrite_output_dir=False,
+        lr_scheduler_type="cosine",
+        learning_rate=1e-2,
     )
     ok(run_cli(base_recipe(tiny_model, data, tmp_path / "reference", **common), tmp_path))
     killed = tmp_path / "killed"
@@ -142,8 +162,13 @@ def test_offline_run_resumes_training_from_its_last_checkpoint(tiny_model, tmp_p
 def test_overwrite_starts_over_and_other_settings_are_refused(tiny_model, tmp_path):
     data = big_data(tmp_path)
     common = dict(
-        dataset="big", do_predict=True, tlm_mode="online", tlm_chunk_size=4, save_strategy="steps",
-        overwrite_output_dir=False, max_new_tokens=8,
+        dataset="big",
+        do_predict=True,
+        tlm_mode="online",
+        tlm_chunk_size=4,
+        save_strategy="steps",
+        overwrite_output_dir=False,
+        max_new_tokens=8,
     )
     out = tmp_path / "out"
     run_and_kill(base_recipe(tiny_model, data, out, **common), tmp_path, "generated_predictions.jsonl", 10)

@@ -236,6 +236,15 @@ def fisher_penalty(
     return coeff * total
 
 
+def fisher_penalty_grad(param: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, coeff: float) -> torch.Tensor:
+    """d(beta * F (theta - theta0)^2) / d theta = 2 beta F (theta - theta0), elementwise, float32 (detached).
+
+    Added to the parameter's gradient by a hook instead of adding ``fisher_penalty`` to the loss: a term that uses
+    parameters outside the model's forward would be counted twice by DDP's gradient reducer.
+    """
+    return 2.0 * coeff * fisher.float() * (param.detach().float() - anchor.float())
+
+
 def estimate_fisher_diagonal(
     params: Mapping[str, torch.Tensor], sample_loss: Callable[[int], torch.Tensor], num_samples: int
 ) -> dict[str, torch.Tensor]:

@@ -157,7 +157,7 @@ def load_pool(names: str, template, model_args, data_args, training_args, tokeni
         aligned = load_aligned(pool_args.dataset, model_args, pool_args, training_args)
         module = get_dataset(template, model_args, pool_args, training_args, stage="tlm", **tokenizer_module)
     except ValueError as err:
-        raise TLMConfigError(f"tlm_pool_dataset {names!r}: {err}") from err
+        raise TLMConfigError(f"tlm_pool_dataset {names!r} could not be read, or has no rows: {err}") from err
     if module.get("train_dataset") is None or len(module["train_dataset"]) == 0:
         raise TLMConfigError(f"tlm_pool_dataset {names!r} has no rows: the pool selectors need rows to pick from.")
     check_text_only(aligned, f"tlm_pool_dataset {names}")

@@ -110,7 +110,7 @@ def _fisher(run, train_rows) -> None:
     from tlm_plugin.objectives.step import estimate_fisher
 
     n = min(run.tlm_args.tlm_eata_fisher_samples, len(train_rows))
-    run.trainer.fisher = estimate_fisher(run.trainer, [train_rows[i] for i in range(n)])
+    run.trainer.use_fisher(*estimate_fisher(run.trainer, [train_rows[i] for i in range(n)]))
 
 
 def _embeddings(run, prompt_scores, pool_scores) -> tuple[np.ndarray, np.ndarray]:

@@ -237,6 +237,11 @@ def run_online(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         args.save_total_limit = 1  # only the last chunk's checkpoint is needed to resume
 
     start = time.perf_counter()
+    if args.do_train and run.tlm_args.tlm_eata_fisher_coeff > 0:  # EATA's Fisher: the first prompts, before updates
+        from tlm_plugin.objectives.step import estimate_fisher
+
+        n = min(run.tlm_args.tlm_eata_fisher_samples, len(run.prompts))
+        trainer.use_fisher(*estimate_fisher(trainer, [run.prompts[i] for i in range(n)]))
     if args.do_train:
         trainer.streaming = True
         trainer.on_window_start = stream.on_window_start

@@ -88,10 +88,10 @@ def check_backend(training_args, tlm_args: "TLMArguments") -> None:
             "tlm_reset: chunk is not supported with DeepSpeed: the optimizer state it restores lives in DeepSpeed's "
             "partitions. Use DDP (no deepspeed key) for chunk resets; the adapter's optimizer state is small."
         )
-    if tlm_args.tlm_eata_fisher_coeff > 0 and (stage == 3 or fsdp):
+    if tlm_args.tlm_eata_fisher_coeff > 0 and (deepspeed or fsdp):
         raise TLMConfigError(
-            "tlm_eata_fisher_coeff needs per-parameter gradients before training, which ZeRO-3 / FSDP shard: use "
-            "ZeRO-0/1/2 or DDP for EATA's Fisher term."
+            "tlm_eata_fisher_coeff adds its gradient to each weight's own gradient, which DeepSpeed and FSDP keep in "
+            "their own partitions: use DDP (no deepspeed key) for EATA's Fisher term."
         )
     if tlm_args.tlm_reset == "prompt" and fsdp:
         raise TLMConfigError(

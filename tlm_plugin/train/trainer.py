@@ -93,7 +93,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         self.tlm_args = tlm_args
         self.selector = selector
         self.streaming = False
-        self.fisher = None  # EATA's (anchor, diagonal Fisher), estimated before training (objectives.fisher)
+        self.fisher = None  # EATA's (anchor, diagonal Fisher), estimated before training: see use_fisher
         self.records: dict[int, dict[str, Any]] = {}  # streaming: per-row score at training time
         self.nonfinite_rows: list[int] = []
         self.stats = {"backward_rows": 0, "optimizer_steps": 0, "skipped_steps": 0, "overflow_steps": 0}
@@ -152,14 +152,31 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             return selected["w"] > 0
 
         loss, stats = entropy_step(self, model, inputs, select)
-        if self.fisher is not None:
-            from tlm_plugin.objectives.entropy import fisher_penalty
-
-            anchor, fisher = self.fisher
-            params = {n: p for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            loss = loss + fisher_penalty(params, anchor, fisher, self.tlm_args.tlm_eata_fisher_coeff)
         weights = stats["weights"] * (selected["w"] > 0)
         return loss, stats["log_ppl"], weights, stats["entropy"]
+
+    def use_fisher(self, anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+        """EATA's anti-forgetting term beta * sum F (theta - theta0)^2, as a gradient hook on each trainable weight.
+
+        Each backward adds 2 beta F (theta - theta0) / (accumulation steps), times the fp16 loss scale when one is
+        active, so an update carries the penalty's gradient once. Identical on every rank (same weights, anchor and
+        Fisher), so DDP's averaging leaves it unchanged.
+        """
+        from tlm_plugin.objectives.entropy import fisher_penalty_grad
+
+        self.fisher = (anchor, fisher)
+        coeff = self.tlm_args.tlm_eata_fisher_coeff
+        for name, param in self.accelerator.unwrap_model(self.model).named_parameters():
+            if name not in fisher:
+                continue
+
+            def hook(grad, param=param, a=anchor[name], f=fisher[name]):
+                scaler = self.accelerator.scaler
+                scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+                extra = fisher_penalty_grad(param, a, f, coeff) * scale / self.current_gradient_accumulation_steps
+                return grad + extra.to(grad.dtype)
+
+            param.register_hook(hook)
 
     def _record(self, inputs, log_ppl: torch.Tensor, weights: torch.Tensor, entropy=None) -> None:
         """Per-row score at training time (streaming: the score that decided; entropy objectives: H(x))."""
