@@ -81,7 +81,6 @@ def check_training_args(training_args, data_args, finetuning_args, tlm_args: "TL
 def check_backend(training_args, tlm_args: "TLMArguments") -> None:
     """Combinations of backend and mode that cannot work, refused before the model loads."""
     deepspeed = training_args.deepspeed is not None
-    stage = _zero_stage(training_args) if deepspeed else None
     fsdp = bool(getattr(training_args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if tlm_args.tlm_reset == "chunk" and deepspeed:
         raise TLMConfigError(
@@ -98,20 +97,6 @@ def check_backend(training_args, tlm_args: "TLMArguments") -> None:
             "tlm_reset: prompt adapts an independent copy of the adapter on every rank, which FSDP's sharding "
             "cannot do. Use DDP or DeepSpeed (each rank then answers its own share of the prompts)."
         )
-
-
-def _zero_stage(training_args) -> int | None:
-    config = training_args.hf_deepspeed_config.config if getattr(training_args, "hf_deepspeed_config", None) else None
-    if config is None:
-        import json
-
-        deepspeed = training_args.deepspeed
-        if isinstance(deepspeed, dict):
-            config = deepspeed
-        else:
-            with open(deepspeed, encoding="utf-8") as f:
-                config = json.load(f)
-    return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
 def generation_kwargs(generating_args, tokenizer) -> dict[str, Any]:
