@@ -11,13 +11,10 @@ from tlm_plugin.objectives.entropy import (
     come_opinion,
     conservative_logits,
     eata_loss,
-    eata_redundancy_mask,
     eata_threshold,
     eata_weights,
-    estimate_fisher_diagonal,
     fisher_penalty,
     mean_entropy,
-    mean_probs,
     tent_loss,
     token_entropy,
     uncertainty_lower_bound,
@@ -166,34 +163,6 @@ def test_eata_loss_is_zero_but_attached_when_nothing_is_selected_and_skips_empty
     assert (z.grad == 0).all()
 
 
-def test_mean_probs_averages_softmax_over_masked_positions():
-    torch.manual_seed(3)
-    z = torch.randn(2, 3, 5)
-    mask = torch.tensor([[1, 0, 1], [0, 0, 0]])
-    probs = mean_probs(z, mask)
-    assert torch.allclose(probs[0], (z[0, 0].softmax(-1) + z[0, 2].softmax(-1)) / 2)
-    assert (probs[1] == 0).all()
-
-
-def test_eata_redundancy_mask_and_moving_average_update():
-    probs = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
-    reliable = torch.tensor([True, True, False])
-    # No average yet: every reliable sample is kept and the average becomes their mean.
-    keep, avg = eata_redundancy_mask(probs, None, epsilon=0.05, reliable=reliable)
-    assert keep.tolist() == [True, True, False]
-    assert torch.allclose(avg, torch.tensor([0.25, 0.75, 0.0, 0.0]))
-    # With an average m = e_0: cos(e_1, m) = 0 is kept, cos([.5, .5, 0, 0], m) = 0.707 is redundant.
-    m = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    keep, avg = eata_redundancy_mask(probs, m, epsilon=0.05, reliable=reliable)
-    assert keep.tolist() == [True, False, False]
-    assert torch.allclose(avg, 0.9 * m + 0.1 * probs[0])
-    # Nothing kept: the average is unchanged (or stays None).
-    keep, avg = eata_redundancy_mask(probs[1:2], m, epsilon=0.05)
-    assert not keep.any() and torch.equal(avg, m)
-    keep, avg = eata_redundancy_mask(probs, None, reliable=torch.zeros(3, dtype=torch.bool))
-    assert not keep.any() and avg is None
-
-
 def test_fisher_penalty_on_a_tiny_case():
     params = {"w": torch.tensor([1.0, 2.0], requires_grad=True), "b": torch.tensor([3.0], requires_grad=True)}
     anchor = {"w": torch.zeros(2), "b": torch.ones(1)}
@@ -206,22 +175,6 @@ def test_fisher_penalty_on_a_tiny_case():
     assert fisher_penalty(params, anchor, {}, coeff=1.0).item() == 0.0
     with pytest.raises(KeyError, match="missing"):
         fisher_penalty(params, anchor, {"missing": torch.ones(1)}, coeff=1.0)
-
-
-def test_estimate_fisher_diagonal_averages_squared_per_sample_gradients():
-    w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
-    unused = torch.ones(2, requires_grad=True)
-    xs = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 1.0]])
-    fisher = estimate_fisher_diagonal({"w": w, "unused": unused}, lambda i: (w * xs[i]).sum(), num_samples=2)
-    assert torch.allclose(fisher["w"], (xs**2).mean(0))  # d(w . x)/dw = x
-    assert (fisher["unused"] == 0).all()
-    assert w.grad is None  # .grad of the parameters is left alone
-    with pytest.raises(ValueError, match="num_samples"):
-        estimate_fisher_diagonal({"w": w}, lambda i: w.sum(), num_samples=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# COME
 
 
 def test_come_opinion_sums_to_one_and_matches_the_definition_in_float64():
@@ -401,3 +354,13 @@ def test_each_loss_backpropagates_into_the_lora_weights_of_q_and_v(lora_llama):
             assert param.grad is not None and param.grad.abs().sum() > 0, (name, param_name)
         frozen = [p for n, p in model.named_parameters() if "lora_" not in n]
         assert all(p.grad is None and not p.requires_grad for p in frozen), name
+
+
+def test_fisher_penalty_grad_is_the_gradient_of_the_penalty():
+    from tlm_plugin.objectives import fisher_penalty, fisher_penalty_grad
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    anchor, fisher = torch.randn(3, 4), torch.rand(3, 4)
+    fisher_penalty({"w": w}, {"w": anchor}, {"w": fisher}, 7.0).backward()
+    assert torch.allclose(fisher_penalty_grad(w, anchor, fisher, 7.0), w.grad, atol=1e-6)

@@ -10,10 +10,9 @@ of ``logits``. See docs/objectives.md for the formulas and the choices made.
 """
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +131,7 @@ def eata_loss(
     Args:
         logits: (B, T, V); mask: (B, T).
         e0: entropy margin E0 in nats, e.g. ``eata_threshold(V)``.
-        keep: optional (B,) bool mask ANDed with the reliability filter, e.g. from ``eata_redundancy_mask``.
+        keep: optional (B,) bool mask ANDed with the reliability filter (samples another rule already dropped).
 
     Returns:
         ``(loss, weights, selected)``: scalar loss (0, still attached, when nothing is selected; unselected samples get
@@ -149,63 +148,6 @@ def eata_loss(
     return loss, weights, selected
 
 
-def mean_probs(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A sample's prediction for EATA's redundancy filter: the mean next-token distribution over its masked positions.
-
-    Args:
-        logits: (B, T, V); mask: (B, T).
-
-    Returns:
-        (B, V) detached float32 probabilities (all zeros for a sample without any masked position).
-    """
-    with torch.no_grad():
-        probs = torch.softmax(_upcast(logits), dim=-1)
-        keep = mask.bool().unsqueeze(-1)
-        total = torch.where(keep, probs, torch.zeros_like(probs)).sum(dim=1)
-        return total / keep.sum(dim=1).clamp(min=1).to(total.dtype)
-
-
-def eata_redundancy_mask(
-    probs_mean: torch.Tensor,
-    moving_avg: torch.Tensor | None,
-    epsilon: float = 0.05,
-    reliable: torch.Tensor | None = None,
-    momentum: float = 0.9,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """EATA's redundancy filter 1[|cos(y_hat(x), m^{t-1})| < epsilon] and its moving average (Niu et al., ICML 2022,
-    Eqs. 4-5): m^t = momentum * m^{t-1} + (1 - momentum) * mean of the kept samples' predictions.
-
-    As in EATA's code: only reliable samples are candidates; when there is no moving average yet, every reliable sample
-    is kept and m becomes their mean; the average is updated only with the kept samples, and is left unchanged (or
-    stays ``None``) when none is kept.
-
-    Args:
-        probs_mean: (B, V) predictions (``mean_probs``).
-        moving_avg: (V,) m^{t-1}, or ``None`` before the first kept sample.
-        epsilon: cosine-similarity threshold (EATA: 0.05).
-        reliable: optional (B,) bool mask of the samples that passed the entropy filter (default: all).
-        momentum: weight of the old average (EATA: 0.9).
-
-    Returns:
-        ``(keep, new_moving_avg)``: (B,) bool mask of the reliable, non-redundant samples, and the detached (V,) m^t.
-    """
-    probs_mean = _upcast(probs_mean.detach())
-    candidates = torch.ones(probs_mean.size(0), dtype=torch.bool, device=probs_mean.device)
-    if reliable is not None:
-        candidates = candidates & reliable.to(probs_mean.device).bool()
-    if moving_avg is None:
-        keep = candidates
-    else:
-        cosine = F.cosine_similarity(probs_mean, moving_avg.detach().to(probs_mean).unsqueeze(0), dim=-1)
-        keep = candidates & (cosine.abs() < epsilon)
-    if not keep.any():
-        return keep, None if moving_avg is None else moving_avg.detach()
-    batch_mean = probs_mean[keep].mean(dim=0)
-    if moving_avg is None:
-        return keep, batch_mean
-    return keep, momentum * moving_avg.detach().to(batch_mean) + (1 - momentum) * batch_mean
-
-
 def fisher_penalty(
     params: Mapping[str, torch.Tensor],
     anchor: Mapping[str, torch.Tensor],
@@ -218,7 +160,7 @@ def fisher_penalty(
     Args:
         params: name -> current parameter (with gradient); only the names in ``fisher`` are penalised.
         anchor: name -> detached parameter value theta^0 before adaptation.
-        fisher: name -> diagonal Fisher F, same shape as the parameter (``estimate_fisher_diagonal``).
+        fisher: name -> diagonal Fisher F, same shape as the parameter (``objectives.step.estimate_fisher``).
         coeff: beta.
 
     Returns:
@@ -243,41 +185,6 @@ def fisher_penalty_grad(param: torch.Tensor, anchor: torch.Tensor, fisher: torch
     parameters outside the model's forward would be counted twice by DDP's gradient reducer.
     """
     return 2.0 * coeff * fisher.float() * (param.detach().float() - anchor.float())
-
-
-def estimate_fisher_diagonal(
-    params: Mapping[str, torch.Tensor], sample_loss: Callable[[int], torch.Tensor], num_samples: int
-) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher F_i = (1/|Q|) sum_{q in Q} (d L(q) / d theta_i)^2, the importance in EATA's Eq. 9 (Niu et al.,
-    ICML 2022).
-
-    EATA takes L = cross-entropy against the model's own argmax pseudo-labels on a few in-distribution samples and
-    squares the gradient of each *batch*; here each call of ``sample_loss`` is one term of the sum (one sample, or one
-    batch if the caller prefers EATA's batching). Gradients are taken with ``torch.autograd.grad``, so ``.grad`` of
-    the parameters is left untouched.
-
-    Args:
-        params: name -> parameter (requires grad), e.g. the LoRA weights.
-        sample_loss: ``sample_loss(i)`` -> scalar loss of sample i (with a fresh graph), for i in range(num_samples).
-        num_samples: |Q|.
-
-    Returns:
-        name -> float32 tensor of the parameter's shape (zeros for a parameter no loss depends on).
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    names = list(params)
-    fisher = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
-    for i in range(num_samples):
-        grads = torch.autograd.grad(sample_loss(i), [params[name] for name in names], allow_unused=True)
-        for name, grad in zip(names, grads):
-            if grad is not None:
-                fisher[name] += grad.detach().float().pow(2)
-    return {name: value / num_samples for name, value in fisher.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# COME
 
 
 def conservative_logits(
