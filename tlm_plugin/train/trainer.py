@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from tlm_plugin.objectives.step import entropy_step
 from tlm_plugin.train.backend import all_agree, all_gather_objects
-from tlm_plugin.train.loss import log_perplexity, tlm_loss
+from tlm_plugin.train.loss import masked_log_perplexity, tlm_loss, token_nll
 
 
 if TYPE_CHECKING:
@@ -109,9 +109,13 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             loss, log_ppl, weights, entropy = self._entropy_loss(model, inputs)
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            log_ppl, _ = log_perplexity(outputs.logits, inputs["input_ids"], inputs["loss_mask"])
+            nll = token_nll(outputs.logits, inputs["input_ids"], inputs["attention_mask"])
+            log_ppl, _ = masked_log_perplexity(nll, inputs["loss_mask"])
             weights = self._selection_weights(inputs, log_ppl.detach())
             loss, entropy = tlm_loss(log_ppl, weights), None
+            if self.streaming and "user_mask" in inputs:  # the record's user-token log-perplexity, same forward
+                user = masked_log_perplexity(nll.detach(), inputs["user_mask"])[0]
+                self._user_log_ppl = dict(zip(inputs["index"].tolist(), user.tolist()))
         self._record(inputs, log_ppl.detach(), weights, entropy)
         self._decide(inputs, loss, weights)
         self.stats["backward_rows"] += int((weights > 0).sum())
@@ -188,6 +192,8 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             if idx < 0:
                 continue
             record = {"n_tokens": n, "log_ppl": lp, "selected": w > 0, "weight": w}
+            if idx in getattr(self, "_user_log_ppl", {}):
+                record["log_ppl_user"] = self._user_log_ppl[idx]
             if h is not None:
                 record["entropy"] = h
             self.records[idx] = record
