@@ -87,6 +87,7 @@ def test_online_answers_every_chunk_with_exactly_the_adapter_that_learned_the_ch
         do_predict=True,
         per_device_eval_batch_size=4,
         max_new_tokens=12,
+        tlm_eval_answers=True,
     )
     online = tmp_path / "online"
     run_in_process(base_recipe(tiny_model, data, online, tlm_mode="online", tlm_chunk_size=4, **common))
@@ -110,6 +111,13 @@ def test_online_answers_every_chunk_with_exactly_the_adapter_that_learned_the_ch
             )
         ref_preds = [p["predict"] for p in read_jsonl(ref / "generated_predictions.jsonl")]
         assert online_preds[4 * c : 4 * c + 4] == ref_preds[4 * c : 4 * c + 4], f"chunk {c}"
+        # the answers' likelihood too is measured by the adapter that answered the chunk, before it learned it
+        measured = tmp_path / f"bpb{c}"
+        adapter_args = {"adapter_name_or_path": str(ref)} if c else {}
+        run_in_process(base_recipe(tiny_model, data, measured, do_train=False, tlm_eval_answers=True, **adapter_args))
+        ref_bpb = [r["answer_bpb"] for r in read_jsonl(measured / "tlm_scores.jsonl")]
+        online_bpb = [r["answer_bpb"] for r in read_jsonl(online / "tlm_scores.jsonl")]
+        assert online_bpb[4 * c : 4 * c + 4] == pytest.approx(ref_bpb[4 * c : 4 * c + 4], abs=1e-5), f"chunk {c}"
     assert (
         online_preds[4:8] != [p["predict"] for p in read_jsonl(tmp_path / "ref0" / "generated_predictions.jsonl")][4:8]
     )
@@ -187,27 +195,38 @@ def run_in_process(recipe: dict) -> None:
 
 
 def test_reference_answers_never_reach_a_training_batch(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Not with the answer likelihoods measured either: the answers go to their own no-grad pass only."""
     from transformers import AutoTokenizer
 
+    from tlm_plugin.train import passes
     from tlm_plugin.train.trainer import TLMTrainer
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     seen: list[list[int]] = []
-    original = TLMTrainer.compute_loss
+    scored: dict[str, list[str]] = {}
+    original, original_pass = TLMTrainer.compute_loss, passes.nll_pass
 
     def spy(self, model, inputs, *args, **kwargs):
         seen.extend(inputs["input_ids"].tolist())
         assert "labels" not in inputs
         return original(self, model, inputs, *args, **kwargs)
 
+    def pass_spy(trainer, dataset, masks=("loss_mask",), **kwargs):
+        scored.setdefault(masks[0], []).extend(tokenizer.batch_decode([list(x) for x in dataset["input_ids"]]))
+        return original_pass(trainer, dataset, masks=masks, **kwargs)
+
     monkeypatch.setattr(TLMTrainer, "compute_loss", spy)
-    run_in_process(base_recipe(tiny_model, tiny_data, tmp_path / "out", tlm_selector="all", do_predict=True))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    monkeypatch.setattr("tlm_plugin.train.workflow.nll_pass", pass_spy)
+    out = tmp_path / "out"
+    run_in_process(base_recipe(tiny_model, tiny_data, out, tlm_selector="all", do_predict=True, tlm_eval_answers=True))
     assert len(seen) == len(QUESTIONS)
     decoded = tokenizer.batch_decode(seen)
     assert all(CANARY not in text for text in decoded)
     assert all(any(q in text for text in decoded) for q, _ in QUESTIONS)  # every prompt, and only prompts
+    assert scored["loss_mask"] and all(CANARY not in text for text in scored["loss_mask"])  # S(x), log-ppl after
+    assert len(scored["answer_mask"]) == 2 * len(QUESTIONS) and all(CANARY in t for t in scored["answer_mask"])
     # the canary really is in the data, and in the labels that predictions are scored against
-    labels = [p["label"] for p in read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")]
+    labels = [p["label"] for p in read_jsonl(out / "generated_predictions.jsonl")]
     assert all(CANARY in label for label in labels)
 
 

@@ -53,6 +53,7 @@ def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tmp_path):
         lr_scheduler_type="linear",  # a schedule that moves within a prompt: its position must be restored too
         warmup_steps=1,
         optim="adamw_torch",
+        tlm_eval_answers=True,
     )
     run_in_process(base_recipe(tiny_model, data, tmp_path / "fwd", **common))
     run_in_process(base_recipe(tiny_model, data, tmp_path / "rev", dataset="reversed", **common))
@@ -66,6 +67,9 @@ def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tmp_path):
     scores_r = read_jsonl(tmp_path / "rev" / "tlm_scores.jsonl")[::-1]
     assert [r["log_ppl_after"] for r in scores_f] == [r["log_ppl_after"] for r in scores_r]
     assert sum(r["log_ppl_after"] < r["log_ppl"] for r in scores_f) >= 2 * len(scores_f) // 3
+    # answers are measured with each prompt's own adapter, before the restore (after it they would equal the base)
+    assert [r["answer_bpb"] for r in scores_f] == [r["answer_bpb"] for r in scores_r]
+    assert all(r["answer_bpb"] != r["answer_bpb_base"] for r in scores_f)
     preds_f = read_jsonl(tmp_path / "fwd" / "generated_predictions.jsonl")
     preds_r = read_jsonl(tmp_path / "rev" / "generated_predictions.jsonl")[::-1]
     assert [p["predict"] for p in preds_f] == [p["predict"] for p in preds_r]

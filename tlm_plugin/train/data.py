@@ -167,13 +167,16 @@ def load_pool(names: str, template, model_args, data_args, training_args, tokeni
 
 
 def answer_rows(aligned: "Dataset", template, tokenizer, data_args) -> list[dict[str, Any]]:
-    """For each row with a reference answer: ``index``, ``input_ids``, ``answer_mask``, ``answer_bytes``,
-    ``answer_truncated``; rows without one are left out (the caller counts them).
+    """For each row with a reference answer: ``index``, ``input_ids``, ``answer_mask``, ``answer_content_mask``,
+    ``answer_bytes``, ``answer_truncated``; rows without one are left out (the caller counts them).
 
     The sequence and labels are those of LLaMA-Factory's supervised processor with ``mask_history`` (only the final
-    answer is a target): the answer's tokens and the template's closing tokens, truncated by ``cutoff_len`` as sft
-    truncates them.
+    answer is a target): ``answer_mask`` covers the answer's tokens and the template's closing tokens, truncated by
+    ``cutoff_len`` as sft truncates them; ``answer_content_mask`` the answer's own content tokens only (from the
+    template's encoding of the assistant turn; all zero when that cannot be rebuilt or the row was truncated).
     """
+    from tlm_plugin.train.token_scope import TemplateScopeError, answer_content_mask
+
     processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
     sft_args = copy.copy(data_args)
     sft_args.mask_history, sft_args.train_on_prompt = True, False
@@ -187,16 +190,28 @@ def answer_rows(aligned: "Dataset", template, tokenizer, data_args) -> list[dict
         if not encoded["input_ids"]:
             continue
         ids, labels = encoded["input_ids"][0], encoded["labels"][0]
-        answer = response[0]["content"]
-        full_target = template.encode_oneturn(tokenizer, row["_prompt"] + response, row["_system"], row["_tools"])[1]
+        messages = row["_prompt"] + response
+        full_target = template.encode_oneturn(tokenizer, messages, row["_system"], row["_tools"])[1]
         n_label = sum(lab != IGNORE_INDEX for lab in labels)
+        truncated = n_label < len(full_target) + (1 if template.efficient_eos else 0)
+        content = [0] * len(ids)
+        if not truncated:
+            try:
+                full_ids, mask = answer_content_mask(
+                    template, tokenizer, messages, row["_system"] or None, row["_tools"] or None
+                )
+                if full_ids == ids[: len(full_ids)]:
+                    content = mask + [0] * (len(ids) - len(mask))
+            except TemplateScopeError:
+                pass
         rows.append(
             {
                 "index": i,
                 "input_ids": ids,
                 "answer_mask": [int(lab != IGNORE_INDEX) for lab in labels],
-                "answer_bytes": len(answer.encode("utf-8")),
-                "answer_truncated": n_label < len(full_target) + (1 if template.efficient_eos else 0),
+                "answer_content_mask": content,
+                "answer_bytes": len(response[0]["content"].encode("utf-8")),
+                "answer_truncated": truncated,
             }
         )
     return rows

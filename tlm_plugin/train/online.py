@@ -27,6 +27,7 @@ from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import all_gather_objects, barrier, rank_and_world
 from tlm_plugin.train.generation import PREDICTIONS_FILE, append_lines, generate_answers, prediction_lines
 from tlm_plugin.train.snapshot import TrainingSnapshot
+from tlm_plugin.train.workflow import add_answer_fields
 
 
 logger = get_logger(__name__)
@@ -87,9 +88,8 @@ class OnlineStream:
         self.prediction_lines = 0
         self.score_lines = 0
         self.chunk_metrics: list[dict[str, float]] = []
-        self.answer_bpb: dict[int, float] = {}  # answer bpb under the adapter that answered the row's chunk
-        self.answer_bpb_base: dict[int, float] = {}
-        self.answer_meta: dict[int, dict[str, Any]] = {}
+        self.answer_bpb: dict[int, dict] = {}  # answers' bpb under the adapter that answered the row's chunk
+        self.answer_bpb_base: dict[int, dict] = {}  # ... under the unadapted model
         self.predict_s = 0.0
         self.snapshot: TrainingSnapshot | None = None
 
@@ -162,7 +162,7 @@ class OnlineStream:
             if run.answers is not None:
                 mine = [i for i, idx in enumerate(run.answers["index"]) if idx in set(self.rows_of(c))]
                 if mine:
-                    self.answer_bpb.update(_answer_bpb(run, run.answers.select(mine)))
+                    self.answer_bpb.update(run.answer_bpb(run.answers.select(mine)))
             if run.training_args.do_predict:
                 part = run.eval_dataset.select(self.rows_of(c))
                 answers = generate_answers(
@@ -199,9 +199,8 @@ class OnlineStream:
                 },
             )
             row = {"index": index, "chunk": chunk, **rec}
-            if index in self.answer_bpb_base:
-                meta = self.answer_meta[index]
-                row.update(meta, answer_bpb_base=self.answer_bpb_base[index], answer_bpb=self.answer_bpb.get(index))
+            add_answer_fields(self.run, [row], self.answer_bpb_base, "_base")
+            add_answer_fields(self.run, [row], self.answer_bpb)
             lines.append(outputs.jsonl_line(row))
         if self.run.is_main:
             append_lines(os.path.join(self.run.output_dir, outputs.SCORES_FILE), lines)
@@ -209,28 +208,11 @@ class OnlineStream:
         self.finished = chunk
 
 
-def _answer_bpb(run, answers) -> dict[int, float]:
-    from tlm_plugin.train.workflow import LN2
-
-    result = run.score(answers, masks=("answer_mask",))
-    nbytes = dict(zip(answers["index"], answers["answer_bytes"]))
-    return {int(i): float(nll / LN2 / nbytes[int(i)]) for i, nll in zip(result["index"], result["answer_mask_nll"])}
-
-
 def run_online(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     trainer, args = run.trainer, run.training_args
     stream = OnlineStream(run)
     if run.answers is not None:
-        stream.answer_bpb_base = _answer_bpb(run, run.answers)
-        stream.answer_meta = {
-            int(i): {"answer_tokens": int(sum(m)), "answer_bytes": int(b), "answer_truncated": bool(t)}
-            for i, m, b, t in zip(
-                run.answers["index"],
-                run.answers["answer_mask"],
-                run.answers["answer_bytes"],
-                run.answers["answer_truncated"],
-            )
-        }
+        stream.answer_bpb_base = run.answer_bpb()
     if run.resume_from is not None:
         stream.resume(run.resume_from)
     if args.save_total_limit is None and stream.checkpoints:

@@ -32,6 +32,7 @@ from tlm_plugin.train.generation import append_lines, generate_ids
 from tlm_plugin.train.loss import token_nll
 from tlm_plugin.train.passes import row_nll
 from tlm_plugin.train.snapshot import TrainingSnapshot
+from tlm_plugin.train.workflow import ANSWER_MASKS
 
 
 logger = get_logger(__name__)
@@ -225,8 +226,10 @@ def answer_one(run, learner: PromptLearner, source: PromptDataSource, p: int) ->
             record["log_ppl_user_after"] = scores["user_mask"][0] / max(scores["user_mask"][1], 1)
         if run.answers is not None and p in run.answer_position:
             row = run.answers[run.answer_position[p]]
-            nll, _ = row_nll(model, row, ("answer_mask",), run.training_args.device)["answer_mask"]
-            record["answer_bpb"] = nll / math.log(2) / row["answer_bytes"]
+            nll = row_nll(model, row, ANSWER_MASKS, run.training_args.device)
+            record["answer_bpb"] = nll["answer_mask"][0] / math.log(2) / row["answer_bytes"]
+            content, counted = nll["answer_content_mask"]
+            record["answer_content_bpb"] = content / math.log(2) / row["answer_bytes"] if counted else None
         if run.training_args.do_predict:
             record["answer_ids"] = generate_ids(
                 run.trainer, model, [list(prompt["input_ids"])], run.gen_kwargs, False
@@ -253,7 +256,7 @@ def _assemble(run, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], di
     for row in rows:
         rec = done[row["index"]]
         row.update(selected=rec["steps"] > 0, weight=1.0 if rec["steps"] > 0 else 0.0)
-        for key in ("picks", "log_ppl_after", "log_ppl_user_after", "answer_bpb"):
+        for key in ("picks", "log_ppl_after", "log_ppl_user_after", "answer_bpb", "answer_content_bpb"):
             if key in rec:
                 row[key] = len(rec[key]) if key == "picks" else rec[key]
         stats["backward_rows"] += sum(1 for loss in rec["step_losses"] if loss == loss)

@@ -132,8 +132,48 @@ def _encode_with_mask(
     return input_ids, mask, labels
 
 
+def answer_content_mask(
+    template: Template,
+    tokenizer: "PreTrainedTokenizer",
+    messages: list[dict[str, str]],
+    system: str | None = None,
+    tools: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """Ids of a whole conversation (the last message an assistant answer) and a 0/1 mask of that answer's content.
+
+    The ids are the concatenation of ``template.encode_multiturn`` (what LLaMA-Factory's supervised processor
+    joins, before truncation and without the ``efficient_eos`` token); the mask leaves out the template's tokens
+    around the answer (e.g. a closing ``<|im_end|>``), by the same boundary rule as :func:`user_content_mask`.
+    Raises :class:`TemplateScopeError` when the encoding cannot be rebuilt element by element.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("answer_content_mask needs a fast tokenizer (character offsets); got a slow one.")
+    if not messages or messages[-1]["role"] != Role.ASSISTANT.value:
+        raise ValueError("the last message must be the assistant's answer")
+    pairs = template.encode_multiturn(tokenizer, messages, system, tools)
+    expected = [t for source, target in pairs for t in source + target]
+    input_ids, mask = [], []
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        for element, span in _message_elements(template, i, message, system, tools, "answer" if i == last else None):
+            ids, element_mask = _element_ids_and_mask(template, tokenizer, element, span)
+            input_ids += ids
+            mask += element_mask
+    if input_ids != expected:
+        raise TemplateScopeError(
+            f"Template {_template_name(template)!r}: rebuilding its encoding element by element gave ids that differ "
+            "from template.encode_multiturn, so the answer-content mask is not supported for it."
+        )
+    return input_ids, mask
+
+
 def _message_elements(
-    template: Template, i: int, message: dict[str, str], system: str | None, tools: str | None
+    template: Template,
+    i: int,
+    message: dict[str, str],
+    system: str | None,
+    tools: str | None,
+    mark: str | None = "user",
 ) -> list[Element]:
     """The elements ``Template._encode`` (or ``Llama2Template._encode``) builds for message ``i``, with spans."""
     kind = seam.encode_kind(template)
@@ -157,7 +197,10 @@ def _message_elements(
 
     if role == Role.USER.value:
         kwargs = {} if fuses_system else {"idx": str(i // 2)}
-        elements += _format_user(template, system_text, content, kwargs)
+        marked = _format_user(template, system_text, content, kwargs)
+        elements += [(e, span if mark == "user" else None) for e, span in marked]
+    elif role == Role.ASSISTANT.value and mark == "answer":
+        elements += _format_with_span(template, template.format_assistant, "assistant", "", content, {})
     elif role == Role.ASSISTANT.value:
         elements += [(e, None) for e in template.format_assistant.apply(content=content)]
     elif role == Role.OBSERVATION.value:
@@ -172,18 +215,26 @@ def _message_elements(
 
 
 def _format_user(template: Template, system_text: str, content: str, kwargs: dict[str, str]) -> list[Element]:
-    """``format_user.apply`` with the character span of ``content`` inside the one element that carries it.
+    """``format_user.apply`` with the character span of ``content`` inside the one element that carries it."""
+    return _format_with_span(template, template.format_user, "user", system_text, content, kwargs)
+
+
+def _format_with_span(
+    template: Template, formatter, what: str, system_text: str, content: str, kwargs: dict[str, str]
+) -> list[Element]:
+    """``formatter.apply`` with the character span of ``content`` inside the one element that carries it.
 
     The span is where ``StringFormatter`` put the placeholder: the length of the slot's text before
     ``{{content}}`` once the other placeholders are filled, after any fused system text.
     """
-    formatter = template.format_user
     if type(formatter) is not StringFormatter:
-        raise TemplateScopeError(f"Template {_template_name(template)!r}: format_user is not a StringFormatter.")
+        raise TemplateScopeError(
+            f"Template {_template_name(template)!r}: the {what} formatter is not a StringFormatter."
+        )
     text = system_text + content
     slots_with_content = [k for k, slot in enumerate(formatter.slots) if isinstance(slot, str) and PLACEHOLDER in slot]
     if len(slots_with_content) != 1 or formatter.slots[slots_with_content[0]].count(PLACEHOLDER) != 1:
-        raise TemplateScopeError(f"Template {_template_name(template)!r}: user slot must hold {PLACEHOLDER} once.")
+        raise TemplateScopeError(f"Template {_template_name(template)!r}: {what} slot must hold {PLACEHOLDER} once.")
 
     k = slots_with_content[0]
     elements = formatter.apply(content=text, **kwargs)
@@ -192,7 +243,7 @@ def _format_user(template: Template, system_text: str, content: str, kwargs: dic
         before = before.replace("{{" + name + "}}", value, 1)
     text_start = len(before)
     if elements[k][text_start : text_start + len(text)] != text:  # e.g. {{idx}} was filled inside the user's text
-        raise TemplateScopeError(f"Template {_template_name(template)!r}: cannot locate the user content.")
+        raise TemplateScopeError(f"Template {_template_name(template)!r}: cannot locate the {what} content.")
     span = (text_start + len(system_text), text_start + len(text))
     return [(e, span if j == k else None) for j, e in enumerate(elements)]
 

@@ -92,15 +92,34 @@ class Run:
             result["log_ppl_user"] = mean_nll(result, "user_mask")
         return result
 
-    def answer_bpb(self) -> dict[int, float]:
-        """Bits per byte of each reference answer under the current model: {row index: bpb}."""
-        if self.answers is None or len(self.answers) == 0:
+    def answer_bpb(self, answers=None) -> dict[int, dict[str, float | None]]:
+        """Bits per byte of each reference answer under the current model: {row index: {"answer_bpb": x,
+        "answer_content_bpb": y}} (the label tokens, and the answer's content tokens only)."""
+        answers = self.answers if answers is None else answers
+        if answers is None or len(answers) == 0:
             return {}
-        result = self.score(self.answers, masks=("answer_mask",))
-        nbytes = dict(zip(self.answers["index"], self.answers["answer_bytes"]))
-        return {
-            int(i): float(nll / LN2 / nbytes[int(i)]) for i, nll in zip(result["index"], result["answer_mask_nll"])
+        return answer_bpb_from(self.score(answers, masks=ANSWER_MASKS), answers)
+
+
+ANSWER_MASKS = ("answer_mask", "answer_content_mask")
+
+
+def answer_bpb_from(result: dict[str, Any], answers) -> dict[int, dict[str, float | None]]:
+    """Per-row bits per byte from a pass over answer rows: summed NLL (nats) / ln 2 / UTF-8 bytes of the answer."""
+    nbytes = dict(zip(answers["index"], answers["answer_bytes"]))
+    out = {}
+    for i, nll, content_nll, content_n in zip(
+        result["index"],
+        result["answer_mask_nll"],
+        result["answer_content_mask_nll"],
+        result["answer_content_mask_tokens"],
+    ):
+        i = int(i)
+        out[i] = {
+            "answer_bpb": float(nll / LN2 / nbytes[i]),
+            "answer_content_bpb": float(content_nll / LN2 / nbytes[i]) if content_n > 0 else None,
         }
+    return out
 
 
 def run_tlm(
@@ -199,7 +218,8 @@ def run_tlm(
             adapted = run.answer_bpb() if training_args.do_train else None
             for row in rows:
                 if "answer_bpb_base" in row:
-                    row["answer_bpb"] = adapted[row["index"]] if adapted is not None else row["answer_bpb_base"]
+                    for key in ("answer_bpb", "answer_content_bpb"):
+                        row[key] = adapted[row["index"]][key] if adapted is not None else row[f"{key}_base"]
             run.timings["answers_after_s"] = time.perf_counter() - start
         stats["score_shared_prefix_tokens"] = int(after["shared_prefix_tokens"])
 
@@ -285,6 +305,8 @@ def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> 
                 "n_answers_truncated": sum(bool(r.get("answer_truncated")) for r in rows),
                 "mean_answer_bpb_base": mean([r.get("answer_bpb_base") for r in answered]),
                 "mean_answer_bpb": mean([r.get("answer_bpb") for r in answered]),
+                "mean_answer_content_bpb_base": mean([r.get("answer_content_bpb_base") for r in answered]),
+                "mean_answer_content_bpb": mean([r.get("answer_content_bpb") for r in answered]),
             }
         )
     return result
@@ -299,28 +321,26 @@ def base_rows(run: Run, scores: dict[str, Any]) -> list[dict[str, Any]]:
     if "log_ppl_user" in scores:
         for row, lp in zip(rows, scores["log_ppl_user"].tolist()):
             row["log_ppl_user"] = lp
-    add_answer_fields(run, rows, run.answer_bpb() if run.answers is not None else {}, "answer_bpb_base")
+    add_answer_fields(run, rows, run.answer_bpb() if run.answers is not None else {}, "_base")
     return rows
 
 
-def add_answer_fields(run: Run, rows: list[dict[str, Any]], bpb: dict[int, float], key: str) -> None:
-    """Put ``key`` (bits per byte) and the answer's token / byte counts on the rows that have a reference answer."""
-    if run.answers is None:
-        return
-    meta = {
-        int(i): (sum(m) - int(bool(m and m[0])), b, t)
-        for i, m, b, t in zip(
-            run.answers["index"],
-            run.answers["answer_mask"],
-            run.answers["answer_bytes"],
-            run.answers["answer_truncated"],
-        )
-    }
+def add_answer_fields(run: Run, rows: list[dict[str, Any]], bpb: dict[int, dict], suffix: str = "") -> None:
+    """Put the answers' bits per byte (``answer_bpb{suffix}``, ``answer_content_bpb{suffix}``) and their token /
+    byte counts on the rows that have a reference answer."""
     for row in rows:
-        if row["index"] in meta and row["index"] in bpb:
-            tokens, nbytes, truncated = meta[row["index"]]
-            row.update(answer_tokens=tokens, answer_bytes=nbytes, answer_truncated=bool(truncated))
-            row[key] = bpb[row["index"]]
+        position = run.answer_position.get(row["index"])
+        if position is None or row["index"] not in bpb:
+            continue
+        answer = run.answers[position]
+        row.update(
+            answer_tokens=int(sum(answer["answer_mask"])),
+            answer_content_tokens=int(sum(answer["answer_content_mask"])),
+            answer_bytes=int(answer["answer_bytes"]),
+            answer_truncated=bool(answer["answer_truncated"]),
+        )
+        for key, value in bpb[row["index"]].items():
+            row[f"{key}{suffix}"] = value
 
 
 def save_predictions(run: Run, answers: list[list[int]], start: float) -> None:
