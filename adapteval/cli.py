@@ -116,6 +116,12 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
         help="how answers are generated: hf (default, batched in the llamafactory-cli run) or vllm (GPUs: base and "
         "offline cells adapt, then answer on LLaMA-Factory's vLLM engine with the adapter; online cells keep hf)",
     )
+    parser.add_argument(
+        "--answers-only",
+        action="store_true",
+        help="no generation: each cell measures the reference answers' bits per byte (one teacher-forced pass), "
+        "the headline metric",
+    )
     parser.add_argument("--force", action="store_true", help="rerun cells even when a finished cell.json exists")
     parser.set_defaults(handler=run_run)
 
@@ -128,6 +134,8 @@ def run_run(args: argparse.Namespace) -> int:
         timing = "cached" if cached else f"{cell['timings'].get('run_s', 0.0):.1f}s"
         empty = f", {cell['n_empty']} empty" if cell["n_empty"] else ""
         empty += ", vllm" if cell.get("backend") == "vllm" else ""
+        if cell.get("answer_bpb") is not None and cell["metric"] != "answer_bpb":
+            empty += f", answers {cell['answer_bpb']:.4f} bits/byte"
         print(
             f"[{done}/{total}] {cell['dataset']:<16} {cell['method']:<12} {cell['metric']} {cell['score']:.4f} "
             f"(n={cell['n']}{empty}) {timing}",
@@ -151,11 +159,95 @@ def run_run(args: argparse.Namespace) -> int:
             backend=args.backend,
             force=args.force,
             progress=progress,
+            answers_only=args.answers_only,
         )
     except runner.RunnerError as err:
         print(f"adapteval run: error: {err}", file=sys.stderr)
         return 1
     _print_reports(write_reports(args.out))
+    return 0
+
+
+def add_ttft_command(subparsers: argparse._SubParsersAction) -> None:
+    from adapteval import ttft
+
+    parser = subparsers.add_parser(
+        "ttft",
+        help="per-prompt test-time fine-tuning from a pool (sift, nearest, random) vs base and TLM, in answer "
+        "bits per byte",
+        description=(ttft.__doc__ or "").split("\n\n")[1],
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="an AdaptEval JSON file (alpaca rows); repeatable",
+    )
+    parser.add_argument("--model", required=True, help="model_name_or_path")
+    parser.add_argument("--template", required=True, help="LLaMA-Factory chat template")
+    parser.add_argument("--out", required=True, help="results folder (the cache of finished cells)")
+    parser.add_argument("--methods", default=",".join(ttft.METHODS), help=f"default {','.join(ttft.METHODS)}")
+    parser.add_argument(
+        "--test-rows",
+        type=int,
+        default=ttft.DEFAULT_TEST_ROWS,
+        help=f"test rows per file (default {ttft.DEFAULT_TEST_ROWS}); the others are the pool",
+    )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=ttft.DEFAULT_BUDGET,
+        help=f"pool rows picked per prompt, one step each (default {ttft.DEFAULT_BUDGET}; paper: 50)",
+    )
+    parser.add_argument("--encoder", default=None, help="sentence-encoder folder (default: all-MiniLM-L6-v2 package)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test-row sample (default 0)")
+    parser.add_argument("--recipe", default=None, help="base recipe YAML (model, LoRA, learning rate, ...)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="recipe value for every cell, or with METHOD: for that method's cells (repeatable)",
+    )
+    parser.add_argument("--force", action="store_true", help="rerun cells even when a finished cell.json exists")
+    parser.set_defaults(handler=run_ttft)
+
+
+def run_ttft(args: argparse.Namespace) -> int:
+    from adapteval import runner, ttft
+
+    def progress(done: int, total: int, cell: dict, cached: bool) -> None:
+        timing = "cached" if cached else f"{cell['run_s']:.0f}s"
+        print(
+            f"[{done}/{total}] {cell['name']:<28} {cell['method']:<8} {cell['answer_bpb']:.4f} bits/byte "
+            f"(n={len(cell['answer_rows'])}) {timing}",
+            flush=True,
+        )
+
+    try:
+        records = ttft.run(
+            args.out,
+            args.data,
+            args.methods,
+            args.model,
+            args.template,
+            test_rows=args.test_rows,
+            budget=args.budget,
+            encoder=args.encoder,
+            seed=args.seed,
+            overrides=args.overrides,
+            recipe=args.recipe,
+            force=args.force,
+            progress=progress,
+        )
+    except runner.RunnerError as err:
+        print(f"adapteval ttft: error: {err}", file=sys.stderr)
+        return 1
+    paths = ttft.write_report(args.out, records)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(paths["md"].read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -181,7 +273,12 @@ def _print_reports(paths: dict) -> None:
     print(paths["md"].read_text(encoding="utf-8"), end="")
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_build_command, add_run_command, add_report_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_build_command,
+    add_run_command,
+    add_ttft_command,
+    add_report_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ class Method:
 
 # Shared by the adapting methods; the paper's selection (Eq. 6, lambda 0.10, P0 = e^3) where the method uses it
 # (every recipe holds only the keys that act in its mode: stage tlm refuses the others).
-TLM_ADAPT = {"stage": "tlm", "do_train": True, "do_predict": True}
+TLM_ADAPT = {"stage": "tlm", "do_train": True, "do_predict": True, "tlm_eval_answers": True}
 PAPER_SELECTION = {"tlm_selector": "perplexity", "tlm_lambda": 0.10, "tlm_log_p0": 3.0}
 TLM_OFFLINE = {
     **TLM_ADAPT,
@@ -97,7 +97,7 @@ register_method(
     Method(
         BASE,
         "the unadapted model answers the test prompts (stage tlm with do_train false: scores, no update)",
-        {"stage": "tlm", "do_train": False, "do_predict": True},
+        {"stage": "tlm", "do_train": False, "do_predict": True, "tlm_eval_answers": True},
     )
 )
 register_method(

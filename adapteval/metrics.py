@@ -2,8 +2,10 @@
 paper's appendix tables), and exact match with per-dataset answer extraction (ReasoningBench).
 
 Every metric is registered with its metadata, in the spirit of lm-evaluation-harness: ``METRICS[name]`` gives a
-``MetricSpec`` (higher_is_better, the benches that report it, how per-sample values aggregate). All scores are in
-[0, 1]; BLEU is sacrebleu's corpus score divided by 100. An empty prediction is scored, not dropped: it gets 0.
+``MetricSpec`` (higher_is_better, the benches that report it, how per-sample values aggregate). The text scores are
+in [0, 1]; BLEU is sacrebleu's corpus score divided by 100. An empty prediction is scored, not dropped: it gets 0.
+``answer_bpb`` (bits per byte of the reference answer, lower is better) is measured by the training run itself
+(``tlm_eval_answers``) and read from its records, not computed from predictions.
 
 ``score_predictions(dataset_name, predictions, references)`` is the one entry point the runner needs.
 """
@@ -51,6 +53,13 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("rougeL", True, ("domain", "instruction"), "ROUGE-L F1", "mean"),
         MetricSpec("bleu", True, ("domain", "instruction"), "sacrebleu corpus BLEU / 100", "corpus"),
         MetricSpec("em", True, ("reasoning",), "exact match of the extracted answer", "mean"),
+        MetricSpec(
+            "answer_bpb",
+            False,
+            ("domain", "instruction", "reasoning"),
+            "bits per byte of the reference answer, teacher-forced (sft label tokens)",
+            "mean",
+        ),
     )
 }
 

@@ -15,6 +15,10 @@ cell.json (``"format": "adapteval-cell/1"``)::
      "metric", "score", "scores": {metric: value},          # headline metric and its group (adapteval.metrics)
      "n", "n_empty", "empty_rows": [row indices],          # empty predictions are scored 0 and listed here
      "per_sample": [headline metric per row],
+     "answer_bpb", "answer_bpb_base",                      # mean bits per byte of the reference answers (adapted /
+     "answer_content_bpb", "answer_content_bpb_base",      #   unadapted model; label tokens / content tokens only)
+     "answer_rows", "answer_bpb_per_row", "answer_bpb_base_per_row",  # rows with a measured, untruncated answer
+     "answer_content_bpb_per_row", "answer_content_bpb_base_per_row",
      "log_ppl_before", "log_ppl_after",                    # mean input log-perplexity (tlm_summary.json), or None
      "log_ppl_user_before", "log_ppl_user_after",          # the same over the user's own tokens, or None
      "loss_tokens", "log_p0_used",                         # tlm_loss_tokens and the threshold used, or None
@@ -145,12 +149,15 @@ def run(
     progress: Progress | None = None,
     launcher: Launcher | None = None,
     predictor: Launcher | None = None,
+    answers_only: bool = False,
 ) -> list[dict]:
     """Run (or reuse) every cell of ``bench`` x ``methods`` into ``out``; returns the cells' records, in order.
 
     ``data_dir`` is an already built AdaptEval folder (dataset_info.json + manifest.json); without it the datasets
     are built into ``<out>/data`` (from the hub, or ``offline`` from packages and ``fixed_dir``).
     ``overrides`` are ``key=value`` (every cell) or ``method:key=value`` (that method's cells) recipe values.
+    ``answers_only``: no generation at all; each cell measures the reference answers' bits per byte (the headline
+    metric ``answer_bpb``), one teacher-forced pass instead of generating answers.
     ``backend="vllm"``: cells that adapt before answering (base and every offline method) train with
     ``do_predict: false``, then answer in a second step on LLaMA-Factory's vLLM engine (``adapteval.vllm_predict``,
     run by ``predictor``); online and per-prompt cells answer in between updates and keep HF generation.
@@ -161,6 +168,9 @@ def run(
     out = Path(out)
     method_list = resolve_methods(methods)
     everywhere, per_method = parse_overrides(overrides or [], [m.name for m in method_list])
+    if answers_only:
+        everywhere = {**everywhere, "do_predict": False, "tlm_eval_answers": True}
+        backend = "hf"
     base = load_base_recipe(recipe, model, template)
     data_dir, names = prepare_data(bench, out, data_dir, offline, fixed_dir)
     dataset_info = _read_json(data_dir / DATASET_INFO)
@@ -499,11 +509,40 @@ def read_predictions(path: Path, n_rows: int, cell_name: str) -> list[str]:
     return predictions
 
 
+def answer_fields(output_dir: Path) -> dict[str, Any]:
+    """Bits per byte of the reference answers from the run's tlm_scores.jsonl: means and aligned per-row lists over
+    the rows whose answer was measured and not truncated (all None when the run did not measure them)."""
+    path = output_dir / "tlm_scores.jsonl"
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    measured = [r for r in records if r.get("answer_bpb") is not None and not r.get("answer_truncated")]
+    fields: dict[str, Any] = {"answer_rows": [r["index"] for r in measured] if measured else None}
+    for key in ("answer_bpb", "answer_bpb_base", "answer_content_bpb", "answer_content_bpb_base"):
+        values = [r.get(key) for r in measured]
+        ok = measured and all(v is not None for v in values)
+        fields[f"{key}_per_row"] = values if ok else None
+        fields[key] = sum(values) / len(values) if ok else None
+    return fields
+
+
 def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str, Any]) -> dict:
     """The cell.json record of a finished run (references are the data file's ``output`` texts)."""
     start = time.perf_counter()
-    predictions = read_predictions(output_dir / PREDICTIONS, len(rows), cell.name)
-    result = score_predictions(cell.dataset, predictions, [row["output"] for row in rows])
+    answers = answer_fields(output_dir)
+    if recipe.get("do_predict", True):
+        predictions = read_predictions(output_dir / PREDICTIONS, len(rows), cell.name)
+        result = score_predictions(cell.dataset, predictions, [row["output"] for row in rows])
+    else:  # answers only: the headline metric is the answers' bits per byte
+        if answers["answer_bpb"] is None:
+            raise RunnerError(f"cell {cell.name}: the run measured no answer likelihoods (tlm_eval_answers)")
+        predictions = []
+        result = {
+            "metric": "answer_bpb",
+            "score": answers["answer_bpb"],
+            "scores": {"answer_bpb": answers["answer_bpb"]},
+            "n": len(answers["answer_rows"]),
+            "n_empty_predictions": 0,
+            "per_sample": answers["answer_bpb_per_row"],
+        }
     summary = _read_json(output_dir / SUMMARY) if (output_dir / SUMMARY).is_file() else {}
     spec = get_dataset(cell.dataset).SPEC
     return {
@@ -521,6 +560,7 @@ def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str,
         "n_empty": result["n_empty_predictions"],
         "empty_rows": [i for i, prediction in enumerate(predictions) if not prediction.strip()],
         "per_sample": result["per_sample"],
+        **answers,
         "log_ppl_before": summary.get("mean_log_ppl_before"),
         "log_ppl_after": summary.get("mean_log_ppl_after"),
         "log_ppl_user_before": summary.get("mean_log_ppl_user_before"),

@@ -67,6 +67,10 @@ CELL_KEYS = (
     "n",
     "n_empty",
     "empty_rows",
+    "answer_bpb",
+    "answer_bpb_base",
+    "answer_content_bpb",
+    "answer_content_bpb_base",
     "log_ppl_before",
     "log_ppl_after",
     "log_ppl_user_before",
@@ -80,6 +84,8 @@ CELL_KEYS = (
     "data_sha256",
     "timings",
 )
+BPB_KEYS = ("answer_rows_n", "bpb_relative_change", "bpb_diff", "bpb_ci_low", "bpb_ci_high")
+CONTENT_BPB_KEYS = ("content_bpb_relative_change", "content_bpb_diff", "content_bpb_ci_low", "content_bpb_ci_high")
 CSV_KEYS = (
     "bench",
     "dataset",
@@ -99,6 +105,12 @@ CSV_KEYS = (
     "log_p0_used",
     "n_selected",
     "backward_passes",
+    "answer_bpb",
+    "answer_bpb_base",
+    *BPB_KEYS,
+    "answer_content_bpb",
+    "answer_content_bpb_base",
+    *CONTENT_BPB_KEYS,
     "run_s",
     "limit",
     "config_hash",
@@ -162,6 +174,20 @@ def paired_change(cell: dict, base_cell: dict | None) -> dict[str, float | None]
     return dict(zip(CI_KEYS, (diff, low, high)))
 
 
+def bpb_change(cell: dict, prefix: str = "answer") -> dict[str, float | None]:
+    """The answers' bits per byte after vs before adaptation on the cell's own rows: relative change of the means,
+    mean per-row difference and its paired bootstrap interval (None without per-row values or for ``base``)."""
+    out_prefix = "bpb" if prefix == "answer" else "content_bpb"
+    keys = [f"{out_prefix}_relative_change", f"{out_prefix}_diff", f"{out_prefix}_ci_low", f"{out_prefix}_ci_high"]
+    none = dict.fromkeys(keys)
+    after, before = cell.get(f"{prefix}_bpb_per_row"), cell.get(f"{prefix}_bpb_base_per_row")
+    if cell["method"] == BASE or not after or not before or len(after) != len(before):
+        return none
+    diff, low, high = paired_bootstrap(before, after, n_resamples=CI_RESAMPLES, seed=CI_SEED, confidence=CI_CONFIDENCE)
+    mean_before = sum(before) / len(before)
+    return dict(zip(keys, (diff / mean_before if mean_before > 0 else None, diff, low, high)))
+
+
 def build_results(cells: list[dict]) -> dict[str, Any]:
     """The results.json document of ``cells`` (as ``load_cells`` returns them)."""
     base_cells = {cell["dataset"]: cell for cell in cells if cell["method"] == BASE}
@@ -172,6 +198,9 @@ def build_results(cells: list[dict]) -> dict[str, Any]:
         row["base_score"] = base.get(cell["dataset"])
         row["relative_change"] = relative_change(cell["score"], row["base_score"])
         row.update(paired_change(cell, base_cells.get(cell["dataset"])))
+        row["answer_rows_n"] = len(cell["answer_rows"]) if cell.get("answer_rows") else None
+        row.update(bpb_change(cell, "answer"))
+        row.update(bpb_change(cell, "answer_content"))
         rows.append(row)
     methods = method_names(cells)
     descriptions = {cell["method"]: cell.get("method_description", "") for cell in cells}
@@ -257,8 +286,65 @@ def results_markdown(results: dict[str, Any]) -> str:
             + ".",
         ]
     lines += _ci_table(results)
+    lines += _bpb_table(results)
     lines += _log_ppl_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _bpb_cell(cell: dict | None, prefix: str) -> str:
+    """``1.2345 (-4.4%) [-0.102, -0.034]*``: bits per byte after adaptation, change vs the unadapted model on the
+    same rows, the paired interval of the per-row difference (``*`` when it excludes 0)."""
+    key = "answer_bpb" if prefix == "bpb" else "answer_content_bpb"
+    if cell is None or cell.get(key) is None:
+        return "-"
+    if cell.get(f"{prefix}_diff") is None:
+        return f"{cell[key]:.4f}"
+    rel, low, high = cell[f"{prefix}_relative_change"], cell[f"{prefix}_ci_low"], cell[f"{prefix}_ci_high"]
+    mark = "*" if low > 0 or high < 0 else ""
+    return f"{cell[key]:.4f} ({rel * 100:+.1f}%) [{low:+.3f}, {high:+.3f}]{mark}"
+
+
+def _bpb_table(results: dict[str, Any]) -> list[str]:
+    """Bits per byte of the reference answers, datasets x methods, for the label tokens and the content tokens."""
+    cells = [c for c in results["cells"] if c.get("answer_bpb") is not None]
+    if not cells:
+        return []
+    settings = results["settings"]
+    methods = [m for m in settings["methods"] if any(c["method"] == m for c in cells)]
+    by_key = {(c["dataset"], c["method"]): c for c in cells}
+    lines = []
+    for prefix, title, what in (
+        (
+            "bpb",
+            "Reference answers, bits per byte (lower is better)",
+            "the tokens `stage: sft` trains on: the answer and the template's closing tokens",
+        ),
+        (
+            "content_bpb",
+            "Reference answers' own content, bits per byte",
+            "the answer's content tokens only, without the template's closing tokens",
+        ),
+    ):
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"Teacher-forced likelihood of each row's reference answer over {what}, in bits per UTF-8 byte of the "
+            "answer, under the model that produced the row's prediction; in parentheses the change of the mean vs "
+            "the unadapted model on the same rows, then the paired 95% bootstrap interval of the per-row "
+            "difference (`*`: it excludes 0). The `base` column is the unadapted model.",
+            "",
+            "| Dataset | n | " + " | ".join(methods) + " |",
+            "|---|---:|" + "---:|" * len(methods),
+        ]
+        for name in settings["datasets"]:
+            row = [by_key.get((name, m)) for m in methods]
+            present = [c for c in row if c is not None]
+            if not present:
+                continue
+            n = present[0].get("answer_rows_n") or "-"
+            lines.append(f"| {name} | {n} | " + " | ".join(_bpb_cell(c, prefix) for c in row) + " |")
+    return lines
 
 
 def _arrow(before: float | None, after: float | None) -> str:

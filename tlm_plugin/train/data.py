@@ -148,7 +148,12 @@ def load_prompts(template, model_args, data_args, training_args, tokenizer_modul
 
 
 def load_pool(names: str, template, model_args, data_args, training_args, tokenizer_module, loss_tokens: str):
-    """The ``tlm_pool_dataset`` rows as templated prompts (responses dropped, as for the test set)."""
+    """The ``tlm_pool_dataset`` rows as training rows.
+
+    A pool row with a response (a question and its answer, a document in chat form) is the whole exchange as
+    LLaMA-Factory's supervised processing encodes it: the update learns the prompt and the answer (``tlm_loss_tokens:
+    user``: the user's content and the answer's tokens). A row without one is a templated prompt, as for the test set.
+    """
     pool_args = copy.copy(data_args)
     pool_args.dataset = [name.strip() for name in names.split(",") if name.strip()]
     pool_args.eval_dataset, pool_args.val_size = None, 0.0
@@ -161,9 +166,52 @@ def load_pool(names: str, template, model_args, data_args, training_args, tokeni
     if module.get("train_dataset") is None or len(module["train_dataset"]) == 0:
         raise TLMConfigError(f"tlm_pool_dataset {names!r} has no rows: the pool selectors need rows to pick from.")
     check_text_only(aligned, f"tlm_pool_dataset {names}")
-    pool = prompt_dataset(module["train_dataset"])
     tokenizer = tokenizer_module["tokenizer"]
-    return with_masks(pool, aligned, template, tokenizer, pool_args.cutoff_len, loss_tokens, "the pool")
+    answered = [len(r) == 1 and bool((r[0].get("content") or "").strip()) for r in aligned["_response"]]
+    if not any(answered):
+        pool = prompt_dataset(module["train_dataset"])
+        return with_masks(pool, aligned, template, tokenizer, pool_args.cutoff_len, loss_tokens, "the pool")
+    return _exchange_rows(aligned, answered, template, tokenizer, pool_args, loss_tokens, names)
+
+
+def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_tokens: str, names: str) -> "Dataset":
+    """Pool rows encoded as whole exchanges (prompt + answer), with loss and user masks over them."""
+    from datasets import Dataset
+
+    processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
+    sft_args = copy.copy(data_args)
+    sft_args.mask_history, sft_args.train_on_prompt = True, False
+    processor = processor_cls(template=template, tokenizer=tokenizer, processor=None, data_args=sft_args)
+    unsupervised = seam.resolve("llamafactory.data.processor.unsupervised.UnsupervisedDatasetProcessor")(
+        template=template, tokenizer=tokenizer, processor=None, data_args=data_args
+    )
+    rows = {"input_ids": [], "loss_mask": [], "user_mask": [], "index": []}
+    for i, row in enumerate(aligned):
+        batch = {k: [row[k]] for k in aligned.column_names}
+        if answered[i]:
+            encoded = processor.preprocess_dataset(batch)
+            ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+            answer = [int(lab != IGNORE_INDEX) for lab in labels]
+            source_len = answer.index(1) if 1 in answer else len(ids)
+        else:
+            ids = unsupervised.preprocess_dataset(batch)["input_ids"][0]
+            answer, source_len = [0] * len(ids), len(ids)
+        try:
+            _, user = truncated_user_content_mask(
+                template, tokenizer, row["_prompt"] + [{"role": "assistant", "content": ""}], 10**9,
+                row["_system"] or None, row["_tools"] or None,
+            )
+            user = (user + [0] * len(ids))[:source_len] + [0] * (len(ids) - source_len)
+        except TemplateScopeError as err:
+            if loss_tokens == "user":
+                raise TLMConfigError(f"tlm_loss_tokens: user (tlm_pool_dataset {names}): {err}") from err
+            user = [0] * len(ids)
+        scope = [max(u, a) for u, a in zip(user, answer)] if loss_tokens == "user" else [1] * len(ids)
+        rows["input_ids"].append(ids)
+        rows["loss_mask"].append(scope)
+        rows["user_mask"].append(user)
+        rows["index"].append(i)
+    return Dataset.from_dict(rows)
 
 
 def answer_rows(aligned: "Dataset", template, tokenizer, data_args) -> list[dict[str, Any]]:

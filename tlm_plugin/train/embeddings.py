@@ -9,7 +9,41 @@ from tlm_plugin.hparams import TLMConfigError
 
 
 def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32, device: str = "cpu") -> np.ndarray:
-    """Mean-pooled, unit-normalised sentence-encoder embeddings (e.g. all-MiniLM-L6-v2): (N, d) float32."""
+    """Mean-pooled, unit-normalised sentence-encoder embeddings (e.g. all-MiniLM-L6-v2): (N, d) float32.
+
+    Cached on disk by the encoder's files and the texts (``<cache>/embeddings/<sha256>.npy``; the cache folder of
+    :func:`tlm_plugin.assets.cache_dir`), so a large pool is embedded once for every run that uses it.
+    """
+    path = _cache_path(encoder_dir, texts)
+    if path is not None and path.is_file():
+        return np.load(path)
+    embeddings = _encode(encoder_dir, texts, batch_size, device)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, embeddings)
+        os.replace(tmp, path)
+    return embeddings
+
+
+def _cache_path(encoder_dir: str, texts: list[str]):
+    import hashlib
+
+    from tlm_plugin.assets import cache_dir
+
+    if not os.path.isdir(encoder_dir):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(encoder_dir)):
+        full = os.path.join(encoder_dir, name)
+        if os.path.isfile(full):
+            digest.update(f"{name}:{os.path.getsize(full)}:{int(os.path.getmtime(full))}".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return cache_dir() / "embeddings" / f"{digest.hexdigest()[:32]}.npy"
+
+
+def _encode(encoder_dir: str, texts: list[str], batch_size: int, device: str) -> np.ndarray:
     from transformers import AutoModel, AutoTokenizer
 
     if not os.path.isdir(encoder_dir):
