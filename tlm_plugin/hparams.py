@@ -69,6 +69,70 @@ class TLMArguments:
             "TT-SI: 5). Batches of per_device_train_batch_size, one optimizer step per gradient_accumulation_steps."
         },
     )
+    tlm_gate: Literal["none", "perplexity", "margin"] = field(
+        default="none",
+        metadata={
+            "help": "tlm_reset: prompt: which prompts learn at all. none: every prompt. perplexity: TLM's S(x) > 0 "
+            "(log-perplexity above tlm_log_p0). margin: TT-SI's uncertainty, u = p(1) - p(2) of the softmax over the "
+            "candidate answers' length-normalised log-probabilities; uncertain when u < tlm_gate_tau. Prompts not "
+            "flagged are answered by the starting adapter."
+        },
+    )
+    tlm_gate_tau: float = field(default=0.95, metadata={"help": "margin gate: uncertain when u < tau (TT-SI: 0.95)."})
+    tlm_gate_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrated gate: flag this fraction of the prompts, the most uncertain (lowest margins / highest "
+            "log-perplexities): over all prompts (tlm_mode offline) or over the prompts seen so far (online)."
+        },
+    )
+    tlm_gate_candidates: int = field(
+        default=5,
+        metadata={"help": "margin gate: answers sampled per prompt (one batched call) when the row has no options."},
+    )
+    tlm_gate_options: str | None = field(
+        default=None,
+        metadata={
+            "help": "margin gate: a dataset column holding each row's answer options (a list of strings). Without "
+            "it, a multiple-choice prompt's lettered options (A., B., ...) are the candidates, else sampled answers."
+        },
+    )
+    tlm_gate_temperature: float = field(
+        default=1.0, metadata={"help": "margin gate: sampling temperature of the candidate answers."}
+    )
+    tlm_gate_max_tokens: int = field(default=64, metadata={"help": "margin gate: tokens per sampled candidate."})
+    tlm_generator: str = field(
+        default="self",
+        metadata={
+            "help": "tlm_selector: generate: who writes the examples. self (TT-SI: the model being adapted, in its "
+            "starting state), a local model folder or hub id (TT-D: loaded once), or an OpenAI-compatible endpoint "
+            "URL http://host:port/v1 (llamafactory-cli api, vLLM, a hosted API; key from tlm_generate_api_key_env)."
+        },
+    )
+    tlm_generate_k: int = field(default=1, metadata={"help": "Examples written per flagged prompt (TT-SI: 1)."})
+    tlm_generate_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the generator."})
+    tlm_generate_top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling top-p of the generator."})
+    tlm_generate_max_tokens: int = field(default=512, metadata={"help": "Tokens the generator may write per prompt."})
+    tlm_generate_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file with the generation prompt ({prompt}: the test prompt, {k}: tlm_generate_k). The "
+            "reply is parsed as '### Example N / Input: ... / Output: ...' blocks. Default: a prompt of ours."
+        },
+    )
+    tlm_generate_model: str | None = field(
+        default=None, metadata={"help": "Endpoint generators: the model name (default: the first one it lists)."}
+    )
+    tlm_generate_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Endpoint generators: environment variable holding the key."}
+    )
+    tlm_generate_use: Literal["train", "icl"] = field(
+        default="train",
+        metadata={
+            "help": "train (TT-SI / TT-D): SFT on the examples' answers for tlm_prompt_epochs, then answer. icl "
+            "(TT-ICL): no training; the examples become demonstrations in the prompt."
+        },
+    )
     tlm_pool_dataset: str | None = field(
         default=None,
         metadata={
@@ -201,6 +265,31 @@ class TLMArguments:
         _check_range("tlm_select_fraction", self.tlm_select_fraction, low=0, low_open=True, high=1)
         _check_range("tlm_sift_budget", self.tlm_sift_budget, low=1)
         _check_range("tlm_prompt_epochs", self.tlm_prompt_epochs, low=1)
+        _check_choice("tlm_gate", self.tlm_gate, ("none", "perplexity", "margin"))
+        _check_choice("tlm_generate_use", self.tlm_generate_use, ("train", "icl"))
+        _check_range("tlm_gate_tau", self.tlm_gate_tau, low=0, high=1)
+        _check_range("tlm_gate_fraction", self.tlm_gate_fraction, low=0, low_open=True, high=1)
+        _check_range("tlm_gate_candidates", self.tlm_gate_candidates, low=2)
+        _check_range("tlm_gate_temperature", self.tlm_gate_temperature, low=0, low_open=True)
+        _check_range("tlm_gate_max_tokens", self.tlm_gate_max_tokens, low=1)
+        _check_range("tlm_generate_k", self.tlm_generate_k, low=1)
+        _check_range("tlm_generate_temperature", self.tlm_generate_temperature, low=0)
+        _check_range("tlm_generate_top_p", self.tlm_generate_top_p, low=0, low_open=True, high=1)
+        _check_range("tlm_generate_max_tokens", self.tlm_generate_max_tokens, low=1)
+        if self.tlm_generate_prompt is not None:
+            if not os.path.isfile(self.tlm_generate_prompt):
+                raise TLMConfigError(f"tlm_generate_prompt: {self.tlm_generate_prompt!r} is not a file.")
+            with open(self.tlm_generate_prompt, encoding="utf-8") as f:
+                if "{prompt}" not in f.read():
+                    raise TLMConfigError(f"tlm_generate_prompt {self.tlm_generate_prompt!r} has no {{prompt}} slot.")
+        generator = self.tlm_generator
+        if generator != "self" and not generator.startswith(("http://", "https://")):
+            hub_id = generator.count("/") == 1 and not generator.startswith((".", "/", "~"))
+            if not hub_id and not os.path.isdir(os.path.expanduser(generator)):
+                raise TLMConfigError(
+                    f"tlm_generator: {generator!r} is neither self, an endpoint URL (http://host:port/v1), an "
+                    "existing model folder nor a hub id (org/name)."
+                )
         _check_range("tlm_sift_lambda", self.tlm_sift_lambda, low=0, low_open=True)
         _check_range("tlm_sift_alpha", self.tlm_sift_alpha, low=0, low_open=True)
         _check_range("tlm_sift_candidates", self.tlm_sift_candidates, low=1)
@@ -221,8 +310,12 @@ class TLMArguments:
                 f"tlm_reset: prompt learns per prompt from the data a per-prompt selector gives it; tlm_selector must "
                 f"be one of {', '.join(PER_PROMPT_SELECTORS)} (got {self.tlm_selector!r})."
             )
-        if self.tlm_reset == "prompt" and self.tlm_mode == "online":
-            raise TLMConfigError("tlm_reset: prompt adapts to each prompt on its own: leave tlm_mode offline.")
+        if self.tlm_reset != "prompt" and self.tlm_gate != "none":
+            raise TLMConfigError(
+                f"tlm_gate: {self.tlm_gate} decides which prompts learn in tlm_reset: prompt; set tlm_reset: prompt."
+            )
+        if self.tlm_selector == "generate" and self.tlm_reset != "prompt":
+            raise TLMConfigError("tlm_selector: generate writes examples per prompt: set tlm_reset: prompt.")
         if self.tlm_objective != "perplexity" and self.tlm_reset == "prompt":
             raise TLMConfigError("tlm_reset: prompt trains on pool rows' perplexity; use tlm_objective: perplexity.")
         if self.tlm_objective != "perplexity" and pool_based:
@@ -250,6 +343,21 @@ class TLMArguments:
         inert = {}
         if self.tlm_reset != "prompt":
             inert["tlm_prompt_epochs"] = "it sets the passes over each prompt's rows in tlm_reset: prompt"
+        if self.tlm_gate != "margin":
+            for key in ("tlm_gate_tau", "tlm_gate_candidates", "tlm_gate_options", "tlm_gate_temperature",
+                        "tlm_gate_max_tokens"):
+                inert[key] = "it configures tlm_gate: margin"
+        if self.tlm_gate == "none":
+            inert["tlm_gate_fraction"] = "it calibrates tlm_gate perplexity / margin"
+        elif self.tlm_gate_fraction is not None:
+            inert["tlm_gate_tau"] = "tlm_gate_fraction calibrates the gate and replaces tau"
+        if self.tlm_selector != "generate":
+            for key in ("tlm_generator", "tlm_generate_k", "tlm_generate_temperature", "tlm_generate_top_p",
+                        "tlm_generate_max_tokens", "tlm_generate_prompt", "tlm_generate_model",
+                        "tlm_generate_api_key_env", "tlm_generate_use"):
+                inert[key] = "it configures tlm_selector: generate"
+        elif self.tlm_generate_use == "icl":
+            inert["tlm_prompt_epochs"] = "tlm_generate_use: icl does not train"
         if self.tlm_mode != "online":
             inert["tlm_chunk_size"] = "it sets the chunk length of tlm_mode: online"
         if not pool_based:
@@ -262,10 +370,11 @@ class TLMArguments:
         pool_subset = pool_based and not per_prompt  # picked rows are weighted lambda * exp(log P - log P0)
         if not (self.tlm_selector in ("perplexity", "random") and not per_prompt):
             inert["tlm_select_fraction"] = "it calibrates P0 of tlm_selector perplexity / random"
-        if not (self.tlm_selector in ("perplexity", "random") and not per_prompt) and not pool_subset:
+        gate_p0 = self.tlm_gate == "perplexity" and self.tlm_gate_fraction is None
+        if not (self.tlm_selector in ("perplexity", "random") and not per_prompt) and not pool_subset and not gate_p0:
             inert["tlm_log_p0"] = "it sets the threshold P0 of tlm_selector perplexity / random (and the weights of "
             inert["tlm_log_p0"] += "pool rows picked for all prompts)"
-        if self.tlm_select_fraction is not None and not pool_subset:
+        if self.tlm_select_fraction is not None and not pool_subset and not gate_p0:
             inert["tlm_log_p0"] = "tlm_select_fraction calibrates P0 and replaces it"
         if self.tlm_selector != "perplexity" and not pool_subset:
             inert["tlm_lambda"] = "it scales S(x) of tlm_selector: perplexity (all and random weigh every row 1)"
@@ -293,7 +402,7 @@ class TLMArguments:
 
 
 POOL_SELECTORS = ("sift", "nearest")
-PER_PROMPT_SELECTORS = ("sift", "nearest", "random")
+PER_PROMPT_SELECTORS = ("sift", "nearest", "random", "generate")
 
 
 def _check_range(

@@ -263,3 +263,39 @@ def answer_rows(aligned: "Dataset", template, tokenizer, data_args) -> list[dict
             }
         )
     return rows
+
+
+class Encoder:
+    """Encodes new conversations the way LLaMA-Factory's processors encode dataset rows (per-prompt sources:
+    generated examples, in-context demonstrations, their prompts and reference answers)."""
+
+    def __init__(self, template, tokenizer, data_args) -> None:
+        self.template, self.tokenizer = template, tokenizer
+        sft_args = copy.copy(data_args)
+        sft_args.mask_history, sft_args.train_on_prompt = True, False
+        self.sft = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")(
+            template=template, tokenizer=tokenizer, processor=None, data_args=sft_args
+        )
+        self.prompt = seam.resolve("llamafactory.data.processor.unsupervised.UnsupervisedDatasetProcessor")(
+            template=template, tokenizer=tokenizer, processor=None, data_args=data_args
+        )
+
+    @staticmethod
+    def _row(messages: list[dict], answer: str | None, system: str | None, tools: str | None) -> dict[str, list]:
+        response = [{"role": "assistant", "content": answer}] if answer is not None else []
+        return {
+            "_prompt": [messages], "_response": [response], "_system": [system or ""], "_tools": [tools or ""],
+            "_images": [None], "_videos": [None], "_audios": [None],
+        }
+
+    def prompt_ids(self, messages: list[dict], system: str | None = None, tools: str | None = None) -> list[int]:
+        """The templated prompt as at generation time (the assistant header included)."""
+        return self.prompt.preprocess_dataset(self._row(messages, None, system, tools))["input_ids"][0]
+
+    def exchange(self, messages: list[dict], answer: str, system: str | None = None, tools: str | None = None):
+        """(input_ids, label mask) of prompt + answer as sft encodes them (labels: the final answer's tokens and
+        the template's closing tokens); None when the processor drops the row."""
+        encoded = self.sft.preprocess_dataset(self._row(messages, answer, system, tools))
+        if not encoded["input_ids"]:
+            return None
+        return encoded["input_ids"][0], [int(lab != IGNORE_INDEX) for lab in encoded["labels"][0]]

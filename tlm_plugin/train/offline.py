@@ -144,6 +144,8 @@ def pool_scores_and_embeddings(run) -> tuple[dict, dict, np.ndarray, np.ndarray]
     prompt_scores = run.prompt_scores(embed=embed)
     if run.pool is None:
         pool_scores = prompt_scores
+    elif not embed and run.tlm_args.tlm_reset == "prompt":  # per prompt, pool rows need no score: only embeddings
+        pool_scores = {}
     else:
         pool_scores = run.score(run.pool, embed=embed)
         from tlm_plugin.train.passes import mean_nll
