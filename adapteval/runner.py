@@ -354,6 +354,12 @@ def plan_cell(
     recipe = dict(base)
     recipe.setdefault("learning_rate", PAPER_LEARNING_RATES[get_dataset(dataset).SPEC.bench])
     recipe = {**method.apply(recipe), **overrides, "dataset": dataset}
+    # a tlm_* key of the base recipe that this method's mode does not use (e.g. TLM's P0 for an entropy method) is
+    # dropped; the method's own keys and --set values always stay (stage tlm refuses those if they are inert)
+    from tlm_plugin.hparams import inert_keys
+
+    for key in inert_keys(recipe) - set(method.overrides) - set(overrides):
+        recipe.pop(key)
     data_sha256 = hashlib.sha256(data_file.read_bytes()).hexdigest()
     backend = backend if predicts_separately(recipe) else "hf"
     identity = {

@@ -337,6 +337,17 @@ class TLMArguments:
         A default left alone is fine; a value written in the recipe that the run would ignore is a mistake the
         user should hear about before the model loads.
         """
+        inert = self.inert_settings()
+        for key in sorted(given):
+            if key in inert:
+                raise TLMConfigError(
+                    f"{key} has no effect in this run ({inert[key]}; this run has tlm_mode: {self.tlm_mode}, "
+                    f"tlm_selector: {self.tlm_selector}, tlm_reset: {self.tlm_reset}, tlm_objective: "
+                    f"{self.tlm_objective}). Remove it from the recipe."
+                )
+
+    def inert_settings(self) -> dict[str, str]:
+        """The ``tlm_*`` settings that do nothing in this run, with the reason."""
         pool_based = self.tlm_selector in POOL_SELECTORS or (
             self.tlm_selector == "random" and self.tlm_reset == "prompt"
         )
@@ -384,13 +395,7 @@ class TLMArguments:
         elif self.tlm_objective != "eata":
             for key in ("tlm_eata_e0", "tlm_eata_e0_scale", "tlm_eata_fisher_samples"):
                 inert[key] = "it configures tlm_objective: eata"
-        for key in sorted(given):
-            if key in inert:
-                raise TLMConfigError(
-                    f"{key} has no effect in this run ({inert[key]}; this run has tlm_mode: {self.tlm_mode}, "
-                    f"tlm_selector: {self.tlm_selector}, tlm_reset: {self.tlm_reset}, tlm_objective: "
-                    f"{self.tlm_objective}). Remove it from the recipe."
-                )
+        return inert
 
     @property
     def pool_based(self) -> bool:
@@ -503,3 +508,11 @@ def parse_tlm_args(values: dict[str, Any]) -> TLMArguments:
 
 _FIELD_TYPES = {f.name: f.type for f in fields(TLMArguments)}
 _DEFAULTS = {f.name: f.default for f in fields(TLMArguments)}
+
+
+def inert_keys(values: dict[str, Any]) -> set[str]:
+    """The keys of a recipe's ``tlm_*`` values that would have no effect (to drop settings a layered recipe
+    inherited from a base recipe written for another method)."""
+    tlm_values = {k: v for k, v in values.items() if k.startswith(TLM_PREFIX) and k in _FIELD_TYPES}
+    args = TLMArguments(**{key: _convert(key, value) for key, value in tlm_values.items()})
+    return set(args.inert_settings()) & set(tlm_values)
