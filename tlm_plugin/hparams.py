@@ -355,22 +355,35 @@ class TLMArguments:
         if self.tlm_reset != "prompt":
             inert["tlm_prompt_epochs"] = "it sets the passes over each prompt's rows in tlm_reset: prompt"
         if self.tlm_gate != "margin":
-            for key in ("tlm_gate_tau", "tlm_gate_candidates", "tlm_gate_options", "tlm_gate_temperature",
-                        "tlm_gate_max_tokens"):
+            for key in (
+                "tlm_gate_tau",
+                "tlm_gate_candidates",
+                "tlm_gate_options",
+                "tlm_gate_temperature",
+                "tlm_gate_max_tokens",
+            ):
                 inert[key] = "it configures tlm_gate: margin"
         if self.tlm_gate == "none":
             inert["tlm_gate_fraction"] = "it calibrates tlm_gate perplexity / margin"
         elif self.tlm_gate_fraction is not None:
             inert["tlm_gate_tau"] = "tlm_gate_fraction calibrates the gate and replaces tau"
         if self.tlm_selector != "generate":
-            for key in ("tlm_generator", "tlm_generate_k", "tlm_generate_temperature", "tlm_generate_top_p",
-                        "tlm_generate_max_tokens", "tlm_generate_prompt", "tlm_generate_model",
-                        "tlm_generate_api_key_env", "tlm_generate_use"):
+            for key in (
+                "tlm_generator",
+                "tlm_generate_k",
+                "tlm_generate_temperature",
+                "tlm_generate_top_p",
+                "tlm_generate_max_tokens",
+                "tlm_generate_prompt",
+                "tlm_generate_model",
+                "tlm_generate_api_key_env",
+                "tlm_generate_use",
+            ):
                 inert[key] = "it configures tlm_selector: generate"
         elif self.tlm_generate_use == "icl":
             inert["tlm_prompt_epochs"] = "tlm_generate_use: icl does not train"
-        if self.tlm_mode != "online":
-            inert["tlm_chunk_size"] = "it sets the chunk length of tlm_mode: online"
+        if self.tlm_mode != "online" or self.tlm_reset == "prompt":
+            inert["tlm_chunk_size"] = "it sets the chunk length of tlm_mode: online (per-prompt runs have no chunks)"
         if not pool_based:
             for key in ("tlm_pool_dataset", "tlm_sift_budget", "tlm_sift_lambda", "tlm_sift_embedder"):
                 inert[key] = "it configures the pool selectors (tlm_selector sift, nearest, or random per prompt)"

@@ -40,10 +40,12 @@ INTERNALS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "llamafactory.data.formatter.StringFormatter": ("the slots a template fills with the user's text", None),
     "llamafactory.data.data_utils.Role": ("message roles", None),
     "llamafactory.data.processor.supervised.SupervisedDatasetProcessor": (
-        "encoding prompt + answer as sft does (answer likelihoods, pool rows with answers, generated examples)", None
+        "encoding prompt + answer as sft does (answer likelihoods, pool rows with answers, generated examples)",
+        None,
     ),
     "llamafactory.data.processor.unsupervised.UnsupervisedDatasetProcessor": (
-        "encoding a prompt as at generation time (pool rows, in-context demonstrations)", None
+        "encoding a prompt as at generation time (pool rows, in-context demonstrations)",
+        None,
     ),
     "llamafactory.data.processor.processor_utils.infer_seqlen": (
         "the prompt truncation of the unsupervised processor",

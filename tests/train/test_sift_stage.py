@@ -62,7 +62,6 @@ def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tmp_path):
     assert [line["index"] for line in fwd] == list(range(len(QUESTIONS)))
     for a, b in zip(fwd, rev):
         assert a["picks"] == b["picks"] and a["step_losses"] == b["step_losses"]  # bit for bit
-        assert a["step_losses"][-1] < a["step_losses"][0] or a["step_losses"][0] == a["step_losses"][1]
     scores_f = read_jsonl(tmp_path / "fwd" / "tlm_scores.jsonl")
     scores_r = read_jsonl(tmp_path / "rev" / "tlm_scores.jsonl")[::-1]
     assert [r["log_ppl_after"] for r in scores_f] == [r["log_ppl_after"] for r in scores_r]

@@ -68,6 +68,8 @@ class PromptDataSource(ABC):
     """
 
     name: str = ""
+    record_file: str = "tlm_prompt_records.jsonl"  # the per-prompt records of this source, in dataset order
+    measure_data_loss: bool = False  # record the loss on the training rows before / after the steps
 
     def prepare(self, run) -> None:  # noqa: B027  (optional hook)
         """Once per run, on every rank together (collective no-grad passes are allowed here)."""
@@ -75,4 +77,5 @@ class PromptDataSource(ABC):
     @abstractmethod
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Training rows for prompt ``index`` (each with ``input_ids`` and ``loss_mask``: the tokens whose NLL
-        the update lowers) and the fields this source adds to the prompt's record."""
+        the update lowers) and the fields this source adds to the prompt's record. The fields may hold
+        ``answer_messages``: the messages to answer with instead of the prompt's own (in-context demonstrations)."""

@@ -72,7 +72,9 @@ def filter_examples(examples: list[Example], k: int, test_prompt: str, reference
     for ex in examples:
         if ex.status != "ok":
             continue
-        if _norm(ex.input) == _norm(test_prompt) or (len(_norm(test_prompt)) > 20 and _norm(test_prompt) in _norm(ex.input)):
+        if _norm(ex.input) == _norm(test_prompt) or (
+            len(_norm(test_prompt)) > 20 and _norm(test_prompt) in _norm(ex.input)
+        ):
             ex.status = "repeats_prompt"
         elif reference is not None and _norm(reference) and _norm(ex.output) == _norm(reference):
             ex.status = "leaks_reference"
@@ -115,8 +117,13 @@ class EndpointGenerator:
 
     def __call__(self, text: str, temperature: float, top_p: float, max_tokens: int, seed: int) -> str:
         body = {
-            "model": self.model, "messages": [{"role": "user", "content": text}], "temperature": temperature,
-            "top_p": top_p, "max_tokens": max_tokens, "n": 1, "seed": seed,
+            "model": self.model,
+            "messages": [{"role": "user", "content": text}],
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "n": 1,
+            "seed": seed,
         }
         reply = self._request("/chat/completions", body)
         return reply["choices"][0]["message"]["content"] or ""
@@ -146,12 +153,18 @@ class ModelGenerator:
         self.model.eval()
         with torch.no_grad():
             out = self.model.generate(
-                input_ids=torch.tensor([ids], device=self.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-                do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
-                pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+                input_ids=torch.tensor([ids], device=self.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id
+                if self.tokenizer.pad_token_id is not None
+                else self.tokenizer.eos_token_id,
             )
         self.model.train(was_training)
-        return self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def load_teacher(name: str, device, dtype):
@@ -182,6 +195,7 @@ class GenerateSource(PromptDataSource):
     """Examples written by the generator for each flagged prompt: training rows, or demonstrations (``icl``)."""
 
     record_file = "tlm_generated.jsonl"
+    measure_data_loss = True
 
     def prepare(self, run) -> None:
         a = run.tlm_args
@@ -196,14 +210,21 @@ class GenerateSource(PromptDataSource):
             model = trainer.accelerator.unwrap_model(trainer.model)
             encoder = run.encoder
             self.generator = ModelGenerator(
-                model, trainer.processing_class, run.training_args.device, lambda t: encoder.prompt_ids([{"role": "user", "content": t}])
+                model,
+                trainer.processing_class,
+                run.training_args.device,
+                lambda t: encoder.prompt_ids([{"role": "user", "content": t}]),
             )
         elif is_endpoint(a.tlm_generator):
             self.generator = EndpointGenerator(a.tlm_generator, a.tlm_generate_model, a.tlm_generate_api_key_env)
         else:
             import torch
 
-            dtype = torch.bfloat16 if run.training_args.bf16 else (torch.float16 if run.training_args.fp16 else torch.float32)
+            dtype = (
+                torch.bfloat16
+                if run.training_args.bf16
+                else (torch.float16 if run.training_args.fp16 else torch.float32)
+            )
             self.generator = load_teacher(a.tlm_generator, run.training_args.device, dtype)
 
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -223,6 +244,7 @@ class GenerateSource(PromptDataSource):
         examples = filter_examples(parse_examples(reply), self.k, test_prompt, reference)
         usable = [ex for ex in examples if ex.status == "ok"]
         fields = {
+            "generator_reply": reply[:4000],
             "generated": [{"input": ex.input, "output": ex.output, "status": ex.status} for ex in examples],
             "n_usable": len(usable),
             "generator_error": error,

@@ -198,8 +198,12 @@ def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_token
             answer, source_len = [0] * len(ids), len(ids)
         try:
             _, user = truncated_user_content_mask(
-                template, tokenizer, row["_prompt"] + [{"role": "assistant", "content": ""}], 10**9,
-                row["_system"] or None, row["_tools"] or None,
+                template,
+                tokenizer,
+                row["_prompt"] + [{"role": "assistant", "content": ""}],
+                10**9,
+                row["_system"] or None,
+                row["_tools"] or None,
             )
             user = (user + [0] * len(ids))[:source_len] + [0] * (len(ids) - source_len)
         except TemplateScopeError as err:
@@ -214,54 +218,17 @@ def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_token
     return Dataset.from_dict(rows)
 
 
-def answer_rows(aligned: "Dataset", template, tokenizer, data_args) -> list[dict[str, Any]]:
-    """For each row with a reference answer: ``index``, ``input_ids``, ``answer_mask``, ``answer_content_mask``,
-    ``answer_bytes``, ``answer_truncated``; rows without one are left out (the caller counts them).
-
-    The sequence and labels are those of LLaMA-Factory's supervised processor with ``mask_history`` (only the final
-    answer is a target): ``answer_mask`` covers the answer's tokens and the template's closing tokens, truncated by
-    ``cutoff_len`` as sft truncates them; ``answer_content_mask`` the answer's own content tokens only (from the
-    template's encoding of the assistant turn; all zero when that cannot be rebuilt or the row was truncated).
-    """
-    from tlm_plugin.train.token_scope import TemplateScopeError, answer_content_mask
-
-    processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
-    sft_args = copy.copy(data_args)
-    sft_args.mask_history, sft_args.train_on_prompt = True, False
-    processor = processor_cls(template=template, tokenizer=tokenizer, processor=None, data_args=sft_args)
+def answer_rows(aligned: "Dataset", encoder: "Encoder") -> list[dict[str, Any]]:
+    """For each row with a reference answer: ``index`` and :meth:`Encoder.answer_row`; rows without one are left out
+    (the caller counts them)."""
     rows = []
     for i, row in enumerate(aligned):
         response = row["_response"]
         if len(response) != 1 or not (response[0].get("content") or "").strip() or len(row["_prompt"]) % 2 != 1:
             continue
-        encoded = processor.preprocess_dataset({k: [row[k]] for k in aligned.column_names})
-        if not encoded["input_ids"]:
-            continue
-        ids, labels = encoded["input_ids"][0], encoded["labels"][0]
-        messages = row["_prompt"] + response
-        full_target = template.encode_oneturn(tokenizer, messages, row["_system"], row["_tools"])[1]
-        n_label = sum(lab != IGNORE_INDEX for lab in labels)
-        truncated = n_label < len(full_target) + (1 if template.efficient_eos else 0)
-        content = [0] * len(ids)
-        if not truncated:
-            try:
-                full_ids, mask = answer_content_mask(
-                    template, tokenizer, messages, row["_system"] or None, row["_tools"] or None
-                )
-                if full_ids == ids[: len(full_ids)]:
-                    content = mask + [0] * (len(ids) - len(mask))
-            except TemplateScopeError:
-                pass
-        rows.append(
-            {
-                "index": i,
-                "input_ids": ids,
-                "answer_mask": [int(lab != IGNORE_INDEX) for lab in labels],
-                "answer_content_mask": content,
-                "answer_bytes": len(response[0]["content"].encode("utf-8")),
-                "answer_truncated": truncated,
-            }
-        )
+        encoded = encoder.answer_row(row["_prompt"], response[0]["content"], row["_system"], row["_tools"])
+        if encoded is not None:
+            rows.append({"index": i, **encoded})
     return rows
 
 
@@ -284,13 +251,52 @@ class Encoder:
     def _row(messages: list[dict], answer: str | None, system: str | None, tools: str | None) -> dict[str, list]:
         response = [{"role": "assistant", "content": answer}] if answer is not None else []
         return {
-            "_prompt": [messages], "_response": [response], "_system": [system or ""], "_tools": [tools or ""],
-            "_images": [None], "_videos": [None], "_audios": [None],
+            "_prompt": [messages],
+            "_response": [response],
+            "_system": [system or ""],
+            "_tools": [tools or ""],
+            "_images": [None],
+            "_videos": [None],
+            "_audios": [None],
         }
 
     def prompt_ids(self, messages: list[dict], system: str | None = None, tools: str | None = None) -> list[int]:
         """The templated prompt as at generation time (the assistant header included)."""
         return self.prompt.preprocess_dataset(self._row(messages, None, system, tools))["input_ids"][0]
+
+    def answer_row(self, messages: list[dict], answer: str, system: str | None = None, tools: str | None = None):
+        """The sequence LLaMA-Factory's supervised processor builds for prompt + reference answer (with
+        ``mask_history``: only the final answer is a target) and what measuring it needs: ``input_ids``,
+        ``answer_mask`` (the answer's tokens and the template's closing tokens, truncated by ``cutoff_len`` as sft
+        truncates them), ``answer_content_mask`` (the answer's own content tokens, from the template's encoding of
+        the assistant turn; all zero when that cannot be rebuilt or the row was truncated), ``answer_bytes``,
+        ``answer_truncated``. None when the processor drops the row."""
+        from tlm_plugin.train.token_scope import TemplateScopeError, answer_content_mask
+
+        encoded = self.exchange(messages, answer, system, tools)
+        if encoded is None:
+            return None
+        ids, mask = encoded
+        full = messages + [{"role": "assistant", "content": answer}]
+        full_target = self.template.encode_oneturn(self.tokenizer, full, system or None, tools or None)[1]
+        truncated = sum(mask) < len(full_target) + (1 if self.template.efficient_eos else 0)
+        content = [0] * len(ids)
+        if not truncated:
+            try:
+                full_ids, content_mask = answer_content_mask(
+                    self.template, self.tokenizer, full, system or None, tools or None
+                )
+                if full_ids == ids[: len(full_ids)]:
+                    content = content_mask + [0] * (len(ids) - len(content_mask))
+            except TemplateScopeError:
+                pass
+        return {
+            "input_ids": ids,
+            "answer_mask": mask,
+            "answer_content_mask": content,
+            "answer_bytes": len(answer.encode("utf-8")),
+            "answer_truncated": truncated,
+        }
 
     def exchange(self, messages: list[dict], answer: str, system: str | None = None, tools: str | None = None):
         """(input_ids, label mask) of prompt + answer as sft encodes them (labels: the final answer's tokens and
@@ -299,3 +305,43 @@ class Encoder:
         if not encoded["input_ids"]:
             return None
         return encoded["input_ids"][0], [int(lab != IGNORE_INDEX) for lab in encoded["labels"][0]]
+
+
+def raw_column(data_args, column: str, n_rows: int) -> list:
+    """A column of the recipe's dataset files as written (e.g. the answer options of each row), one value per
+    prompt; the files are read as JSON / JSON lines through dataset_info.json."""
+    import json
+    import os
+
+    info_path = os.path.join(data_args.dataset_dir, "dataset_info.json")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as err:
+        raise TLMConfigError(f"tlm_gate_options: cannot read {info_path} ({err}).") from err
+    values: list = []
+    for name in data_args.dataset:
+        entry = info.get(name, {})
+        path = os.path.join(data_args.dataset_dir, entry.get("file_name", ""))
+        if not entry.get("file_name") or not os.path.isfile(path):
+            raise TLMConfigError(f"tlm_gate_options reads local JSON files; dataset {name!r} has none ({path}).")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+        if any(column not in row for row in rows):
+            raise TLMConfigError(f"tlm_gate_options: dataset {name!r} has rows without the column {column!r}.")
+        values += [row[column] for row in rows]
+    values = values[: data_args.max_samples] if data_args.max_samples else values
+    if len(values) != n_rows:
+        raise TLMConfigError(
+            f"tlm_gate_options: the column {column!r} has {len(values)} rows but the dataset gave {n_rows} prompts "
+            "(LLaMA-Factory dropped or sampled rows); use a dataset without such rows."
+        )
+    bad = [i for i, v in enumerate(values) if not (isinstance(v, list) and all(isinstance(x, str) for x in v))]
+    if bad:
+        raise TLMConfigError(f"tlm_gate_options: column {column!r} must hold lists of strings (rows {bad[:5]}).")
+    return values

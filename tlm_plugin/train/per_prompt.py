@@ -28,6 +28,7 @@ from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
 from tlm_plugin.selectors.base import PromptDataSource
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import all_gather_objects, barrier, full_parameters, rank_and_world
+from tlm_plugin.train.gate import RunningFraction, dedupe, flag_fraction, margin, option_letters, uncertain
 from tlm_plugin.train.generation import append_lines, generate_ids
 from tlm_plugin.train.loss import token_nll
 from tlm_plugin.train.passes import row_nll
@@ -45,6 +46,7 @@ class PoolSource(PromptDataSource):
     """SIFT / nearest / random pool rows for each prompt, one training step per pick (the SIFT paper's TTFT)."""
 
     name = "pool"
+    record_file = "tlm_sift_selection.jsonl"
 
     def prepare(self, run) -> None:
         from tlm_plugin.train.offline import pool_scores_and_embeddings
@@ -177,6 +179,112 @@ class PromptLearner:
         self.trainer.lr_scheduler = None
 
 
+class Gate:
+    """``tlm_gate`` wired to the model: which prompts learn (none, perplexity, margin; tau or a calibrated fraction).
+
+    Margins need candidate answers: the row's options (``tlm_gate_options`` column, or the lettered options of a
+    multiple-choice prompt), else ``tlm_gate_candidates`` answers sampled in one batched call, deduplicated; each
+    candidate is scored by its mean token log-probability given the prompt, in one batched forward.
+    """
+
+    def __init__(self, run, learner: "PromptLearner", base_rows: list[dict[str, Any]]) -> None:
+        self.run, self.learner, self.args = run, learner, run.tlm_args
+        self.kind = self.args.tlm_gate
+        self.log_ppl = {r["index"]: r["log_ppl"] for r in base_rows}
+        self.options = run.gate_options
+        self.flags: dict[int, bool] | None = None
+
+    def calibrate(self, indices: list[int]) -> None:
+        """With ``tlm_gate_fraction``: the gate values of every prompt (each rank its share), then the flags."""
+        if self.kind == "none" or self.args.tlm_gate_fraction is None:
+            return
+        rank, world = rank_and_world()
+        mine = {p: self.value(p)[0] for p in indices[rank::world]}
+        values: dict[int, float] = {}
+        for part in all_gather_objects(mine):
+            values.update(part)
+        order = sorted(values)
+        higher = self.kind == "perplexity"  # higher log-perplexity, lower margin: more uncertain
+        series = [values[p] if values[p] == values[p] else -math.inf for p in order]
+        if self.args.tlm_mode == "online":  # the prompts seen so far, in dataset order
+            running = RunningFraction(self.args.tlm_gate_fraction, higher)
+            flags = [running(v) for v in series]
+        else:
+            flags = flag_fraction(series, self.args.tlm_gate_fraction, higher)
+        self.flags = dict(zip(order, flags))
+
+    def value(self, p: int) -> tuple[float, dict[str, Any]]:
+        """The prompt's gate value (log-perplexity or margin) and what the record keeps about it."""
+        if self.kind == "perplexity":
+            return self.log_ppl[p], {}
+        candidates, scores = self.candidates(p)
+        u, probs = margin(scores)
+        return u, {"candidates": [{"text": c, "score": s, "p": q} for c, s, q in zip(candidates, scores, probs)]}
+
+    def __call__(self, p: int) -> dict[str, Any]:
+        if self.kind == "none":
+            return {"flagged": True}
+        value, info = self.value(p)
+        if self.flags is not None:
+            flagged = self.flags[p]
+        elif self.kind == "perplexity":
+            flagged = value > self.args.tlm_log_p0
+        else:
+            flagged = uncertain(value, self.args.tlm_gate_tau)
+        return {"gate": self.kind, "gate_score": value, "flagged": bool(flagged), **info}
+
+    def candidates(self, p: int) -> tuple[list[str], list[float]]:
+        run, learner = self.run, self.learner
+        prompt = list(run.prompts[p]["input_ids"])
+        tokenizer = run.trainer.processing_class
+        texts = self.options[p] if self.options is not None else None
+        if not texts:
+            texts = option_letters(run.aligned[p]["_prompt"][-1]["content"])
+        if texts:
+            answers = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        else:
+            torch.manual_seed(prompt_seed(run, p))
+            kwargs = {
+                **run.gen_kwargs,
+                "do_sample": True,
+                "temperature": self.args.tlm_gate_temperature,
+                "top_p": 1.0,
+                "num_return_sequences": self.args.tlm_gate_candidates,
+                "max_new_tokens": self.args.tlm_gate_max_tokens,
+            }
+            learner.model.eval()
+            with torch.no_grad():
+                sampled = generate_ids(run.trainer, learner.model, [prompt], kwargs, False)
+            eos = set(kwargs.get("eos_token_id") or [])
+            cut = [[t for t in ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]] for ids in sampled]
+            texts = dedupe(tokenizer.batch_decode(cut, skip_special_tokens=True))
+            answers = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        keep = [(t, a) for t, a in zip(texts, answers) if a]
+        if not keep:
+            return [], []
+        return [t for t, _ in keep], candidate_scores(learner, prompt, [a for _, a in keep])
+
+
+def candidate_scores(learner: "PromptLearner", prompt: list[int], answers: list[list[int]]) -> list[float]:
+    """Mean log-probability per token of each answer after ``prompt``, one batched forward (no gradient)."""
+    device = learner.args.device
+    pad = learner.trainer.processing_class.pad_token_id
+    seqs = [prompt + a for a in answers]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    attention = torch.zeros_like(ids)
+    counted = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.as_tensor(seq, device=device)
+        attention[i, : len(seq)] = 1
+        counted[i, len(prompt) : len(seq)] = 1
+    learner.model.eval()
+    with torch.no_grad(), learner.trainer.accelerator.autocast():
+        logits = learner.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    nll = token_nll(logits, ids, counted)
+    return (-(nll.sum(-1) / counted[:, 1:].sum(-1).clamp(min=1))).double().tolist()
+
+
 def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from tlm_plugin.train.workflow import base_rows
 
@@ -191,49 +299,62 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         done = _done(run.output_dir) if run.resume_from is not None else {}
         if done:
             logger.warning_rank0(f"Resuming: {len(done)} of {len(rows)} prompts were answered before.")
-        todo = [p for p in range(rank, len(run.prompts), world) if p not in done]
         learner = PromptLearner(run)
+        gate = Gate(run, learner, rows)
+        gate.calibrate(list(range(len(run.prompts))))
+        todo = [p for p in range(rank, len(run.prompts), world) if p not in done]
         part = os.path.join(run.output_dir, PART_PATTERN.format(rank=rank))
         start = time.perf_counter()
-        for p in tqdm(todo, desc="per-prompt", disable=rank != 0, dynamic_ncols=True):
-            record = answer_one(run, learner, source, p)
+        bar = tqdm(todo, desc="per-prompt", disable=rank != 0, dynamic_ncols=True)
+        for p in bar:
+            record = answer_one(run, learner, source, gate, p, phase=lambda name: bar.set_postfix_str(name))
             append_lines(part, [outputs.jsonl_line(record)])
         run.timings["per_prompt_s"] = time.perf_counter() - start
     barrier()
-    return _assemble(run, rows)
+    return _assemble(run, rows, source)
 
 
-def answer_one(run, learner: PromptLearner, source: PromptDataSource, p: int) -> dict[str, Any]:
+def _mean_loss(learner: "PromptLearner", rows: list[dict[str, Any]]) -> float | None:
+    """Mean NLL over the counted tokens of ``rows`` with the current model (no gradient)."""
+    if not rows:
+        return None
+    learner.model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for row in rows:
+            nll, n = row_nll(learner.model, row, ("loss_mask",), learner.args.device)["loss_mask"]
+            total, count = total + nll, count + n
+    return total / max(count, 1)
+
+
+def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Gate, p: int, phase=None) -> dict:
     """Gate, data, steps, answer, restore for prompt ``p``; the prompt's complete record."""
+    phase = phase or (lambda name: None)
     timings = {}
     t = time.perf_counter()
-    data, fields = source.rows(p)
+    phase("gate")
+    gated = gate(p)
+    timings["gate_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    phase("data")
+    data, fields = source.rows(p) if gated["flagged"] else ([], {"status": "not flagged"})
+    answer_messages = fields.pop("answer_messages", None)
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    phase("train")
+    measure = getattr(source, "measure_data_loss", False) and bool(data)
+    before = _mean_loss(learner, data) if measure else None
     trained = learner.train(data) if data else {"step_losses": [], "steps": 0, "skipped_steps": 0}
+    if measure:
+        trained.update(data_loss_before=before, data_loss_after=_mean_loss(learner, data))
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model, prompt = learner.model, run.prompts[p]
-    model.eval()
-    record: dict[str, Any] = {"index": p, **fields, **trained}
-    with torch.no_grad():
-        masks = ("loss_mask", "user_mask") if "user_mask" in prompt else ("loss_mask",)
-        scores = row_nll(model, prompt, masks, run.training_args.device)
-        record["log_ppl_after"] = scores["loss_mask"][0] / max(scores["loss_mask"][1], 1)
-        if "user_mask" in scores:
-            record["log_ppl_user_after"] = scores["user_mask"][0] / max(scores["user_mask"][1], 1)
-        if run.answers is not None and p in run.answer_position:
-            row = run.answers[run.answer_position[p]]
-            nll = row_nll(model, row, ANSWER_MASKS, run.training_args.device)
-            record["answer_bpb"] = nll["answer_mask"][0] / math.log(2) / row["answer_bytes"]
-            content, counted = nll["answer_content_mask"]
-            record["answer_content_bpb"] = content / math.log(2) / row["answer_bytes"] if counted else None
-        if run.training_args.do_predict:
-            record["answer_ids"] = generate_ids(
-                run.trainer, model, [list(prompt["input_ids"])], run.gen_kwargs, False
-            )[0]
+    phase("answer")
+    record: dict[str, Any] = {"index": p, **gated, **fields, **trained}
+    record.update(measure_answer(run, learner.model, p, answer_messages))
     timings["answer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -243,9 +364,32 @@ def answer_one(run, learner: PromptLearner, source: PromptDataSource, p: int) ->
     return record
 
 
-def _assemble(run, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def measure_answer(run, model, p: int, answer_messages: list[dict] | None = None) -> dict[str, Any]:
+    """log-perplexity of the prompt, likelihood of its reference answer and the answer itself, with ``model`` as it
+    is now; ``answer_messages`` replaces the prompt's messages (in-context demonstrations)."""
+    out: dict[str, Any] = {}
+    prompt, device = run.prompts[p], run.training_args.device
+    model.eval()
+    with torch.no_grad():
+        masks = ("loss_mask", "user_mask") if "user_mask" in prompt else ("loss_mask",)
+        scores = row_nll(model, prompt, masks, device)
+        out["log_ppl_after"] = scores["loss_mask"][0] / max(scores["loss_mask"][1], 1)
+        if "user_mask" in scores:
+            out["log_ppl_user_after"] = scores["user_mask"][0] / max(scores["user_mask"][1], 1)
+        answer_row = run.answer_row(p, answer_messages)
+        if answer_row is not None:
+            nll = row_nll(model, answer_row, ANSWER_MASKS, device)
+            out["answer_bpb"] = nll["answer_mask"][0] / math.log(2) / answer_row["answer_bytes"]
+            content, counted = nll["answer_content_mask"]
+            out["answer_content_bpb"] = content / math.log(2) / answer_row["answer_bytes"] if counted else None
+        if run.training_args.do_predict:
+            ids = list(prompt["input_ids"]) if answer_messages is None else run.prompt_ids_for(p, answer_messages)
+            out["answer_ids"] = generate_ids(run.trainer, model, [ids], run.gen_kwargs, False)[0]
+    return out
+
+
+def _assemble(run, rows: list[dict[str, Any]], source) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Merge every rank's records into the run's rows (dataset order) and write the final files (main rank)."""
-    from tlm_plugin.train.offline import write_selection
     from tlm_plugin.train.workflow import save_predictions
 
     done = _done(run.output_dir)
@@ -256,7 +400,7 @@ def _assemble(run, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], di
     for row in rows:
         rec = done[row["index"]]
         row.update(selected=rec["steps"] > 0, weight=1.0 if rec["steps"] > 0 else 0.0)
-        for key in ("picks", "log_ppl_after", "log_ppl_user_after", "answer_bpb", "answer_content_bpb"):
+        for key in ("picks", "log_ppl_after", "log_ppl_user_after", "answer_bpb", "answer_content_bpb", "flagged"):
             if key in rec:
                 row[key] = len(rec[key]) if key == "picks" else rec[key]
         stats["backward_rows"] += sum(1 for loss in rec["step_losses"] if loss == loss)
@@ -265,14 +409,34 @@ def _assemble(run, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], di
         if rec["skipped_steps"]:
             stats["nonfinite_rows"].append(row["index"])
     records = [done[r["index"]] for r in rows]
-    if "picks" in records[0]:
-        write_selection(
-            run,
-            [{k: r[k] for k in ("index", "picks", "variances", "step_losses")} for r in records],
-        )
+    stats["per_prompt"] = per_prompt_counts(records)
+    if run.is_main:
+        keep = ("answer_ids", "seconds")
+        lines = [outputs.jsonl_line({k: v for k, v in r.items() if k not in keep or k == "seconds"}) for r in records]
+        outputs.atomic_write(os.path.join(run.output_dir, source.record_file), "".join(lines))
     run.trainer.save_adapter()  # the restored starting adapter: every prompt's adaptation was discarded by design
     if run.training_args.do_predict:
         save_predictions(
             run, [r["answer_ids"] for r in records], time.perf_counter() - run.timings.get("per_prompt_s", 0)
         )
     return rows, stats
+
+
+def per_prompt_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary counts of a per-prompt run: flagged prompts, trained prompts, generated examples by status."""
+    counts: dict[str, Any] = {
+        "n_flagged": sum(bool(r.get("flagged", True)) for r in records),
+        "n_trained": sum(r["steps"] > 0 for r in records),
+        "mean_seconds": {},
+    }
+    statuses: dict[str, int] = {}
+    for r in records:
+        for ex in r.get("generated", []):
+            statuses[ex["status"]] = statuses.get(ex["status"], 0) + 1
+    if statuses:
+        counts["generated_examples"] = statuses
+        counts["n_generator_failed"] = sum(r.get("generator_error") is not None for r in records)
+    for key in ("gate_s", "data_s", "train_s", "answer_s", "restore_s"):
+        values = [r["seconds"].get(key, 0.0) for r in records]
+        counts["mean_seconds"][key] = round(sum(values) / max(len(values), 1), 4)
+    return counts

@@ -99,6 +99,26 @@ def check_backend(training_args, tlm_args: "TLMArguments") -> None:
         )
 
 
+def check_generator(tlm_args: "TLMArguments", training_args) -> None:
+    """``tlm_selector: generate``: an endpoint must answer and a teacher must be loadable, before the model loads."""
+    if tlm_args.tlm_selector != "generate" or tlm_args.tlm_generator == "self":
+        return
+    from tlm_plugin.selectors.generate import check_endpoint, is_endpoint
+
+    generator = tlm_args.tlm_generator
+    if is_endpoint(generator):
+        problem = check_endpoint(generator, tlm_args.tlm_generate_api_key_env)
+        if problem:
+            raise TLMConfigError(problem)
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(os.path.expanduser(generator))
+    except (OSError, ValueError) as err:
+        raise TLMConfigError(f"tlm_generator: the teacher model {generator!r} cannot be loaded ({err}).") from err
+
+
 def generation_kwargs(generating_args, tokenizer) -> dict[str, Any]:
     """Arguments of ``model.generate`` as LLaMA-Factory's sft stage builds them (every end-of-turn token stops)."""
     gen_kwargs = generating_args.to_dict(obey_generation_config=True)

@@ -21,9 +21,16 @@ from llamafactory.model import load_model, load_tokenizer
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import barrier, rank_and_world
 from tlm_plugin.train.collator import TLMDataCollator
-from tlm_plugin.train.data import answer_rows, load_pool, load_prompts
+from tlm_plugin.train.data import Encoder, answer_rows, load_pool, load_prompts, raw_column
 from tlm_plugin.train.passes import mean_nll, nll_pass
-from tlm_plugin.train.setup import build_selector, check_backend, check_training_args, generation_kwargs, identity
+from tlm_plugin.train.setup import (
+    build_selector,
+    check_backend,
+    check_generator,
+    check_training_args,
+    generation_kwargs,
+    identity,
+)
 from tlm_plugin.train.trainer import TLMTrainer
 
 
@@ -53,7 +60,23 @@ class Run:
     answers: "Dataset | None"
     gen_kwargs: dict[str, Any]
     resume_from: str | None
+    aligned: "Dataset | None" = None  # LLaMA-Factory's aligned rows behind the prompts (messages, system, ...)
+    encoder: Any = None  # data.Encoder: new conversations encoded as LLaMA-Factory encodes rows
+    gate_options: list | None = None  # tlm_gate_options: each row's answer options
     timings: dict[str, float] = field(default_factory=dict)
+
+    def answer_row(self, p: int, messages: list[dict] | None = None) -> dict[str, Any] | None:
+        """Row ``p``'s reference answer to measure: after its own prompt (precomputed), or after ``messages``."""
+        if self.answers is None or p not in self.answer_position:
+            return None
+        if messages is None:
+            return self.answers[self.answer_position[p]]
+        row = self.aligned[p]
+        return self.encoder.answer_row(messages, row["_response"][0]["content"], row["_system"], row["_tools"])
+
+    def prompt_ids_for(self, p: int, messages: list[dict]) -> list[int]:
+        row = self.aligned[p]
+        return self.encoder.prompt_ids(messages, row["_system"] or None, row["_tools"] or None)
 
     @property
     def output_dir(self) -> str:
@@ -146,12 +169,17 @@ def run_tlm(
         pool = load_pool(
             tlm_args.tlm_pool_dataset, template, model_args, data_args, training_args, tokenizer_module, loss_tokens
         )
+    encoder = Encoder(template, tokenizer, data_args)
     answers = None
     if tlm_args.tlm_eval_answers:
         from datasets import Dataset
 
-        rows = answer_rows(aligned, template, tokenizer, data_args)
+        rows = answer_rows(aligned, encoder)
         answers = Dataset.from_list(rows) if rows else None
+    gate_options = (
+        raw_column(data_args, tlm_args.tlm_gate_options, len(prompts)) if tlm_args.tlm_gate_options else None
+    )
+    check_generator(tlm_args, training_args)
     resume_from = _resume_point(
         training_args,
         tlm_args,
@@ -193,6 +221,9 @@ def run_tlm(
         answers,
         gen_kwargs,
         resume_from,
+        aligned=aligned,
+        encoder=encoder,
+        gate_options=gate_options,
     )
 
     if tlm_args.tlm_reset == "prompt":
@@ -293,6 +324,7 @@ def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> 
         "overflow_steps": stats.get("overflow_steps", 0),
         "nonfinite_rows": stats["nonfinite_rows"],
         "score_shared_prefix_tokens": stats.get("score_shared_prefix_tokens", 0),
+        **({"per_prompt": stats["per_prompt"]} if "per_prompt" in stats else {}),
         "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         "world_size": training_args.world_size,
         "versions": {"llamafactory_tlm": tlm_plugin.__version__, "llamafactory": llamafactory.__version__},
