@@ -17,7 +17,8 @@ import re
 from collections.abc import Sequence
 
 
-_OPTION = re.compile(r"^\s*\(?([A-Z])[\.\):]\s+\S", re.MULTILINE)
+# an option: a capital letter at the start of a line or right after a colon ("Options: A. ..."), then ".", ")" or ":"
+_OPTION = re.compile(r"(?:^|(?<=:))[ \t]*\(?([A-Z])[\.\):][ \t]+\S", re.MULTILINE)
 
 
 def margin(scores: Sequence[float]) -> tuple[float, list[float]]:
@@ -64,8 +65,8 @@ def dedupe(texts: Sequence[str]) -> list[str]:
 
 
 def flag_fraction(values: Sequence[float], fraction: float, higher_is_unsure: bool) -> list[bool]:
-    """Flag round(fraction * N) of the values, the most uncertain first (ties broken by order)."""
-    count = round(fraction * len(values))
+    """Flag floor(fraction * N + 1/2) of the values, the most uncertain first (ties broken by order)."""
+    count = math.floor(fraction * len(values) + 0.5)
     order = sorted(range(len(values)), key=lambda i: (-values[i] if higher_is_unsure else values[i], i))
     chosen = set(order[:count])
     return [i in chosen for i in range(len(values))]

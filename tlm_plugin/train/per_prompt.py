@@ -385,6 +385,8 @@ def measure_answer(run, model, p: int, answer_messages: list[dict] | None = None
         if run.training_args.do_predict:
             ids = list(prompt["input_ids"]) if answer_messages is None else run.prompt_ids_for(p, answer_messages)
             out["answer_ids"] = generate_ids(run.trainer, model, [ids], run.gen_kwargs, False)[0]
+            if answer_messages is not None:
+                out["answer_prompt_ids"] = ids
     return out
 
 
@@ -411,14 +413,15 @@ def _assemble(run, rows: list[dict[str, Any]], source) -> tuple[list[dict[str, A
     records = [done[r["index"]] for r in rows]
     stats["per_prompt"] = per_prompt_counts(records)
     if run.is_main:
-        keep = ("answer_ids", "seconds")
-        lines = [outputs.jsonl_line({k: v for k, v in r.items() if k not in keep or k == "seconds"}) for r in records]
+        drop = ("answer_ids", "answer_prompt_ids")
+        lines = [outputs.jsonl_line({k: v for k, v in r.items() if k not in drop}) for r in records]
         outputs.atomic_write(os.path.join(run.output_dir, source.record_file), "".join(lines))
     run.trainer.save_adapter()  # the restored starting adapter: every prompt's adaptation was discarded by design
     if run.training_args.do_predict:
-        save_predictions(
-            run, [r["answer_ids"] for r in records], time.perf_counter() - run.timings.get("per_prompt_s", 0)
-        )
+        eval_ids = run.eval_dataset["input_ids"]
+        prompts = [r.get("answer_prompt_ids") or list(eval_ids[i]) for i, r in enumerate(records)]
+        start = time.perf_counter() - run.timings.get("per_prompt_s", 0)
+        save_predictions(run, [r["answer_ids"] for r in records], start, prompts)
     return rows, stats
 
 

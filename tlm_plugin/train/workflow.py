@@ -375,17 +375,17 @@ def add_answer_fields(run: Run, rows: list[dict[str, Any]], bpb: dict[int, dict]
             row[f"{key}{suffix}"] = value
 
 
-def save_predictions(run: Run, answers: list[list[int]], start: float) -> None:
-    """Write LLaMA-Factory's prediction files for ``answers`` to the eval rows (main rank)."""
+def save_predictions(run: Run, answers: list[list[int]], start: float, prompts: list | None = None) -> None:
+    """Write LLaMA-Factory's prediction files for ``answers`` to the eval rows (main rank); ``prompts`` are the
+    prompt ids actually answered when they differ from the eval rows' (in-context demonstrations)."""
     from tlm_plugin.train.generation import PREDICTIONS_FILE, prediction_lines, similarity_metrics
 
     if not run.is_main:
         return
     tokenizer = run.trainer.processing_class
     labels = [list(x) for x in run.eval_dataset["labels"]]
-    lines = prediction_lines(
-        tokenizer, run.eval_dataset["input_ids"], answers, labels, run.generating_args.skip_special_tokens
-    )
+    prompts = prompts if prompts is not None else run.eval_dataset["input_ids"]
+    lines = prediction_lines(tokenizer, prompts, answers, labels, run.generating_args.skip_special_tokens)
     outputs.atomic_write(os.path.join(run.output_dir, PREDICTIONS_FILE), "".join(lines))
     runtime = time.perf_counter() - start
     metrics = {f"predict_{k}": v for k, v in similarity_metrics(tokenizer, answers, labels).items()}
