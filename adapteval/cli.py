@@ -117,6 +117,11 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
         "offline cells adapt, then answer on LLaMA-Factory's vLLM engine with the adapter; online cells keep hf)",
     )
     parser.add_argument(
+        "--teacher",
+        default=None,
+        help="the teacher of tt-d: a model folder, hub id or OpenAI-compatible endpoint (http://host:port/v1)",
+    )
+    parser.add_argument(
         "--answers-only",
         action="store_true",
         help="no generation: each cell measures the reference answers' bits per byte (one teacher-forced pass), "
@@ -160,6 +165,7 @@ def run_run(args: argparse.Namespace) -> int:
             force=args.force,
             progress=progress,
             answers_only=args.answers_only,
+            teacher=args.teacher,
         )
     except runner.RunnerError as err:
         print(f"adapteval run: error: {err}", file=sys.stderr)

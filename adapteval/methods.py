@@ -186,3 +186,46 @@ register_method(
         {**_without(TLM_OFFLINE, "tlm_log_p0"), "tlm_loss_tokens": "user", "tlm_select_fraction": 0.5},
     )
 )
+
+# Test-time self-improvement (Acikgoz et al., 2025): per prompt, when the model is unsure (margin of its candidate
+# answers below 0.95), a generator writes one example of the same task with its answer; the adapter learns it for
+# 5 epochs, answers and is restored. TT-D takes a stronger teacher (``adapteval run --teacher MODEL_OR_URL``).
+_TTSI = {
+    **TLM_ADAPT,
+    "tlm_reset": "prompt",
+    "tlm_selector": "generate",
+    "tlm_gate": "margin",
+    "tlm_gate_tau": 0.95,
+    "tlm_generate_k": 1,
+    "tlm_prompt_epochs": 5,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.03,
+    "learning_rate": 1.0e-4,  # the paper's LoRA: r 8, alpha 16, every linear layer
+    "lora_target": "all",
+}
+register_method(
+    Method(
+        "tt-si",
+        "TT-SI: the model writes one example per uncertain prompt, learns it (5 epochs), answers, restores",
+        {**_TTSI, "tlm_generator": "self"},
+    )
+)
+register_method(
+    Method("tt-d", "TT-D: as tt-si, the example written by a teacher (adapteval run --teacher)", {**_TTSI})
+)
+register_method(
+    Method(
+        "tt-icl",
+        "TT-ICL: the model's own example is put in the prompt as a demonstration; no training",
+        {
+            **{
+                k: v
+                for k, v in _TTSI.items()
+                if k not in ("tlm_prompt_epochs", "lr_scheduler_type", "warmup_ratio", "learning_rate", "lora_target")
+            },
+            "tlm_generator": "self",
+            "tlm_generate_use": "icl",
+        },
+    )
+)
+TEACHER_METHODS = ("tt-d",)  # methods whose tlm_generator comes from --teacher

@@ -150,12 +150,14 @@ def run(
     launcher: Launcher | None = None,
     predictor: Launcher | None = None,
     answers_only: bool = False,
+    teacher: str | None = None,
 ) -> list[dict]:
     """Run (or reuse) every cell of ``bench`` x ``methods`` into ``out``; returns the cells' records, in order.
 
     ``data_dir`` is an already built AdaptEval folder (dataset_info.json + manifest.json); without it the datasets
     are built into ``<out>/data`` (from the hub, or ``offline`` from packages and ``fixed_dir``).
     ``overrides`` are ``key=value`` (every cell) or ``method:key=value`` (that method's cells) recipe values.
+    ``teacher``: the generator of the teacher methods (``tt-d``): a model folder, hub id or endpoint URL.
     ``answers_only``: no generation at all; each cell measures the reference answers' bits per byte (the headline
     metric ``answer_bpb``), one teacher-forced pass instead of generating answers.
     ``backend="vllm"``: cells that adapt before answering (base and every offline method) train with
@@ -168,6 +170,14 @@ def run(
     out = Path(out)
     method_list = resolve_methods(methods)
     everywhere, per_method = parse_overrides(overrides or [], [m.name for m in method_list])
+    from adapteval.methods import TEACHER_METHODS
+
+    for method in method_list:
+        if method.name in TEACHER_METHODS:
+            if teacher is None and "tlm_generator" not in per_method.get(method.name, {}):
+                raise ValueError(f"method {method.name} needs a teacher: pass --teacher MODEL_OR_URL")
+            if teacher is not None:
+                per_method.setdefault(method.name, {})["tlm_generator"] = teacher
     if answers_only:
         everywhere = {**everywhere, "do_predict": False, "tlm_eval_answers": True}
         backend = "hf"

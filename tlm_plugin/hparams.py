@@ -133,6 +133,41 @@ class TLMArguments:
             "(TT-ICL): no training; the examples become demonstrations in the prompt."
         },
     )
+    tlm_demo_pattern: str = field(
+        default=r"(?ms)^Q:[ \t]*(?P<input>.+?)\s*^A:[ \t]*(?P<output>\S.*?)\s*(?=^Q:|\Z)",
+        metadata={
+            "help": "tlm_selector: demos, single-turn prompts: a regular expression whose named groups input and "
+            "output find the demonstrations (default: 'Q: ... / A: ...' blocks, each at a line start; the final "
+            "question without an answer is the query). Multi-turn prompts take their history instead."
+        },
+    )
+    tlm_demo_orders: int = field(
+        default=40,
+        metadata={
+            "help": "tlm_selector: demos: training sequences per prompt, each in a fresh seeded order (BBH: 40)."
+        },
+    )
+    tlm_demo_format: Literal["all", "loo"] = field(
+        default="all",
+        metadata={
+            "help": "all: each sequence holds every demonstration, the loss on every answer (the paper's choice). "
+            "loo: leave one out, the other demonstrations as context, the loss on the held-out answer only."
+        },
+    )
+    tlm_demo_votes: int = field(
+        default=1,
+        metadata={
+            "help": "Answer each prompt this many times, its demonstrations in seeded orders (the first as given), "
+            "and keep the majority answer (exact text; AdaptEval votes on extracted answers)."
+        },
+    )
+    tlm_demo_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Prompts with the same system prompt, instruction and demonstrations (a task) train once: the "
+            "adapter is kept in output_dir/tlm_task_adapters/ and reused (cache_hit in tlm_demos.jsonl)."
+        },
+    )
     tlm_pool_dataset: str | None = field(
         default=None,
         metadata={
@@ -267,6 +302,15 @@ class TLMArguments:
         _check_range("tlm_prompt_epochs", self.tlm_prompt_epochs, low=1)
         _check_choice("tlm_gate", self.tlm_gate, ("none", "perplexity", "margin"))
         _check_choice("tlm_generate_use", self.tlm_generate_use, ("train", "icl"))
+        _check_choice("tlm_demo_format", self.tlm_demo_format, ("all", "loo"))
+        _check_range("tlm_demo_orders", self.tlm_demo_orders, low=1)
+        _check_range("tlm_demo_votes", self.tlm_demo_votes, low=1)
+        from tlm_plugin.selectors.demos import compile_pattern
+
+        try:
+            compile_pattern(self.tlm_demo_pattern)
+        except ValueError as err:
+            raise TLMConfigError(str(err)) from None
         _check_range("tlm_gate_tau", self.tlm_gate_tau, low=0, high=1)
         _check_range("tlm_gate_fraction", self.tlm_gate_fraction, low=0, low_open=True, high=1)
         _check_range("tlm_gate_candidates", self.tlm_gate_candidates, low=2)
@@ -314,8 +358,8 @@ class TLMArguments:
             raise TLMConfigError(
                 f"tlm_gate: {self.tlm_gate} decides which prompts learn in tlm_reset: prompt; set tlm_reset: prompt."
             )
-        if self.tlm_selector == "generate" and self.tlm_reset != "prompt":
-            raise TLMConfigError("tlm_selector: generate writes examples per prompt: set tlm_reset: prompt.")
+        if self.tlm_selector in ("generate", "demos") and self.tlm_reset != "prompt":
+            raise TLMConfigError(f"tlm_selector: {self.tlm_selector} learns per prompt: set tlm_reset: prompt.")
         if self.tlm_objective != "perplexity" and self.tlm_reset == "prompt":
             raise TLMConfigError("tlm_reset: prompt trains on pool rows' perplexity; use tlm_objective: perplexity.")
         if self.tlm_objective != "perplexity" and pool_based:
@@ -382,6 +426,9 @@ class TLMArguments:
                 inert[key] = "it configures tlm_selector: generate"
         elif self.tlm_generate_use == "icl":
             inert["tlm_prompt_epochs"] = "tlm_generate_use: icl does not train"
+        if self.tlm_selector != "demos":
+            for key in ("tlm_demo_pattern", "tlm_demo_orders", "tlm_demo_format", "tlm_demo_votes", "tlm_demo_cache"):
+                inert[key] = "it configures tlm_selector: demos"
         if self.tlm_mode != "online" or self.tlm_reset == "prompt":
             inert["tlm_chunk_size"] = "it sets the chunk length of tlm_mode: online (per-prompt runs have no chunks)"
         if not pool_based:
@@ -420,7 +467,7 @@ class TLMArguments:
 
 
 POOL_SELECTORS = ("sift", "nearest")
-PER_PROMPT_SELECTORS = ("sift", "nearest", "random", "generate")
+PER_PROMPT_SELECTORS = ("sift", "nearest", "random", "generate", "demos")
 
 
 def _check_range(

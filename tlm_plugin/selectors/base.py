@@ -74,6 +74,15 @@ class PromptDataSource(ABC):
     def prepare(self, run) -> None:  # noqa: B027  (optional hook)
         """Once per run, on every rank together (collective no-grad passes are allowed here)."""
 
+    def cache_key(self, index: int) -> str | None:
+        """Prompts with the same key learn the same thing: the adapter trained for the first is reused (None: no
+        sharing)."""
+        return None
+
+    def loss_rows(self, index: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows whose loss is recorded before and after training (``measure_data_loss``): by default all."""
+        return rows
+
     @abstractmethod
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Training rows for prompt ``index`` (each with ``input_ids`` and ``loss_mask``: the tokens whose NLL

@@ -237,11 +237,16 @@ class Encoder:
     generated examples, in-context demonstrations, their prompts and reference answers)."""
 
     def __init__(self, template, tokenizer, data_args) -> None:
-        self.template, self.tokenizer = template, tokenizer
+        self.template, self.tokenizer, self.cutoff_len = template, tokenizer, data_args.cutoff_len
         sft_args = copy.copy(data_args)
         sft_args.mask_history, sft_args.train_on_prompt = True, False
         self.sft = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")(
             template=template, tokenizer=tokenizer, processor=None, data_args=sft_args
+        )
+        every_answer = copy.copy(data_args)
+        every_answer.mask_history, every_answer.train_on_prompt = False, False
+        self.sft_all = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")(
+            template=template, tokenizer=tokenizer, processor=None, data_args=every_answer
         )
         self.prompt = seam.resolve("llamafactory.data.processor.unsupervised.UnsupervisedDatasetProcessor")(
             template=template, tokenizer=tokenizer, processor=None, data_args=data_args
@@ -297,6 +302,14 @@ class Encoder:
             "answer_bytes": len(answer.encode("utf-8")),
             "answer_truncated": truncated,
         }
+
+    def conversation(self, messages: list[dict], system: str | None = None, tools: str | None = None):
+        """(input_ids, label mask) of a whole conversation ending with an assistant turn, every assistant turn a
+        target (sft without ``mask_history``); user turns, system prompt and template tokens are not."""
+        encoded = self.sft_all.preprocess_dataset(self._row(messages[:-1], messages[-1]["content"], system, tools))
+        if not encoded["input_ids"]:
+            raise ValueError("the conversation could not be encoded (it must alternate user / assistant turns)")
+        return encoded["input_ids"][0], [int(lab != IGNORE_INDEX) for lab in encoded["labels"][0]]
 
     def exchange(self, messages: list[dict], answer: str, system: str | None = None, tools: str | None = None):
         """(input_ids, label mask) of prompt + answer as sft encodes them (labels: the final answer's tokens and

@@ -34,6 +34,7 @@ OWN_PATTERNS = (
     "tlm_prompts.rank*.jsonl",
     "tlm_generated.jsonl",
     "tlm_demos.jsonl",
+    "tlm_task_adapters",
     "checkpoint-*",
 )
 

@@ -178,6 +178,33 @@ class PromptLearner:
         self.snapshot.restore(self.model, self.optimizer, scaler=self.scaler)
         self.trainer.lr_scheduler = None
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in state:
+                    param.copy_(state[name].to(param.device))
+
+
+class TaskAdapters:
+    """Adapters of the tasks trained so far (``output_dir/tlm_task_adapters/<key>.pt``), shared across ranks and
+    resumed runs; written atomically, so a rank that trains a task another rank trains too loses nothing."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.folder = os.path.join(output_dir, "tlm_task_adapters")
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = os.path.join(self.folder, f"{key}.pt")
+        return torch.load(path, map_location="cpu") if os.path.isfile(path) else None
+
+    def save(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = os.path.join(self.folder, f"{key}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(self.folder, f"{key}.pt"))
+
 
 class Gate:
     """``tlm_gate`` wired to the model: which prompts learn (none, perplexity, margin; tau or a calibrated fraction).
@@ -300,6 +327,7 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if done:
             logger.warning_rank0(f"Resuming: {len(done)} of {len(rows)} prompts were answered before.")
         learner = PromptLearner(run)
+        run.task_adapters = TaskAdapters(run.output_dir)
         gate = Gate(run, learner, rows)
         gate.calibrate(list(range(len(run.prompts))))
         todo = [p for p in range(rank, len(run.prompts), world) if p not in done]
@@ -340,21 +368,33 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
     phase("data")
     data, fields = source.rows(p) if gated["flagged"] else ([], {"status": "not flagged"})
     answer_messages = fields.pop("answer_messages", None)
+    vote_messages = fields.pop("vote_messages", None)
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     phase("train")
-    measure = getattr(source, "measure_data_loss", False) and bool(data)
-    before = _mean_loss(learner, data) if measure else None
-    trained = learner.train(data) if data else {"step_losses": [], "steps": 0, "skipped_steps": 0}
-    if measure:
-        trained.update(data_loss_before=before, data_loss_after=_mean_loss(learner, data))
+    key = source.cache_key(p) if data and run.tlm_args.tlm_demo_cache else None
+    cached = run.task_adapters.load(key) if key else None
+    measured = source.loss_rows(p, data) if getattr(source, "measure_data_loss", False) and data else []
+    before = _mean_loss(learner, measured) if measured else None
+    if cached is not None:  # a task trained for an earlier prompt: its adapter, no training
+        learner.load_trainable(cached)
+        trained = {"step_losses": [], "steps": 0, "skipped_steps": 0, "cache_hit": True}
+    else:
+        trained = learner.train(data) if data else {"step_losses": [], "steps": 0, "skipped_steps": 0}
+        if key:
+            run.task_adapters.save(key, learner.trainable_state())
+            trained["cache_hit"] = False
+    if measured:
+        trained.update(data_loss_before=before, data_loss_after=_mean_loss(learner, measured))
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     phase("answer")
     record: dict[str, Any] = {"index": p, **gated, **fields, **trained}
-    record.update(measure_answer(run, learner.model, p, answer_messages))
+    if key:
+        record["task"] = key
+    record.update(measure_answer(run, learner.model, p, answer_messages, vote_messages))
     timings["answer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -364,9 +404,12 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
     return record
 
 
-def measure_answer(run, model, p: int, answer_messages: list[dict] | None = None) -> dict[str, Any]:
+def measure_answer(
+    run, model, p: int, answer_messages: list[dict] | None = None, vote_messages: list[list[dict]] | None = None
+) -> dict[str, Any]:
     """log-perplexity of the prompt, likelihood of its reference answer and the answer itself, with ``model`` as it
-    is now; ``answer_messages`` replaces the prompt's messages (in-context demonstrations)."""
+    is now; ``answer_messages`` replaces the prompt's messages (in-context demonstrations); with ``vote_messages``
+    the prompt is also answered in those forms and the majority answer is kept (``votes`` lists them all)."""
     out: dict[str, Any] = {}
     prompt, device = run.prompts[p], run.training_args.device
     model.eval()
@@ -387,6 +430,16 @@ def measure_answer(run, model, p: int, answer_messages: list[dict] | None = None
             out["answer_ids"] = generate_ids(run.trainer, model, [ids], run.gen_kwargs, False)[0]
             if answer_messages is not None:
                 out["answer_prompt_ids"] = ids
+            if vote_messages:
+                from tlm_plugin.selectors.demos import majority
+
+                prompts = [run.prompt_ids_for(p, m) for m in vote_messages]
+                answers = [out["answer_ids"]] + generate_ids(run.trainer, model, prompts, run.gen_kwargs, False)
+                tokenizer = run.trainer.processing_class
+                texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+                winner = majority(texts)
+                out["votes"] = texts
+                out["answer_ids"] = answers[texts.index(winner)]
     return out
 
 
@@ -402,7 +455,16 @@ def _assemble(run, rows: list[dict[str, Any]], source) -> tuple[list[dict[str, A
     for row in rows:
         rec = done[row["index"]]
         row.update(selected=rec["steps"] > 0, weight=1.0 if rec["steps"] > 0 else 0.0)
-        for key in ("picks", "log_ppl_after", "log_ppl_user_after", "answer_bpb", "answer_content_bpb", "flagged"):
+        for key in (
+            "picks",
+            "log_ppl_after",
+            "log_ppl_user_after",
+            "answer_bpb",
+            "answer_content_bpb",
+            "flagged",
+            "cache_hit",
+            "n_demos",
+        ):
             if key in rec:
                 row[key] = len(rec[key]) if key == "picks" else rec[key]
         stats["backward_rows"] += sum(1 for loss in rec["step_losses"] if loss == loss)
@@ -430,8 +492,11 @@ def per_prompt_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
     counts: dict[str, Any] = {
         "n_flagged": sum(bool(r.get("flagged", True)) for r in records),
         "n_trained": sum(r["steps"] > 0 for r in records),
+        "n_cache_hits": sum(bool(r.get("cache_hit")) for r in records),
         "mean_seconds": {},
     }
+    if any("n_demos" in r for r in records):
+        counts["n_without_demos"] = sum(r.get("n_demos", 0) < 2 for r in records)
     statuses: dict[str, int] = {}
     for r in records:
         for ex in r.get("generated", []):

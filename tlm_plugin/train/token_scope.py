@@ -248,13 +248,51 @@ def _format_with_span(
     return [(e, span if j == k else None) for j, e in enumerate(elements)]
 
 
-def _element_ids_and_mask(
-    template: Template, tokenizer: "PreTrainedTokenizer", element: Any, span: Span | None
+def spans_mask(
+    template: Template,
+    tokenizer: "PreTrainedTokenizer",
+    messages: list[dict[str, str]],
+    spans: list[Span],
+    system: str | None = None,
+    tools: str | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Ids of one element exactly as ``_convert_elements_to_ids`` gives them, and the content mask over them."""
+    """Prompt ids (``encode_oneturn`` of ``messages`` and an empty assistant turn) and a 0/1 mask of the tokens that
+    lie inside ``spans``: [start, end) character ranges of the LAST user message's content, by the boundary rule of
+    :func:`user_content_mask` (e.g. the answers of the Q/A demonstrations written inside a single-turn prompt)."""
+    content = messages[-1]["content"]
+    ids, content_mask, _ = _encode_with_mask(template, tokenizer, messages, system, tools)
+    # rebuild the last user element with offsets, to map its content's characters to tokens
+    last = len(messages) - 1
+    input_ids, mask = [], []
+    for i, message in enumerate(messages + [{"role": Role.ASSISTANT.value, "content": ""}]):
+        if i == len(messages):
+            break
+        for element, span in _message_elements(template, i, message, system, tools, "user" if i == last else None):
+            element_ids, element_mask = _element_ids_and_mask(
+                template, tokenizer, element, span, [(span[0] + a, span[0] + b) for a, b in spans] if span else None
+            )
+            input_ids += element_ids
+            mask += element_mask
+    tail = ids[len(input_ids) :]
+    if input_ids != ids[: len(input_ids)] or (tail and not isinstance(template, ReasoningTemplate)):
+        raise TemplateScopeError(f"Template {_template_name(template)!r}: cannot rebuild the prompt with spans.")
+    assert len(content_mask) == len(ids) and content  # the user content exists and was encoded
+    return ids, mask + [0] * len(tail)
+
+
+def _element_ids_and_mask(
+    template: Template, tokenizer: "PreTrainedTokenizer", element: Any, span: Span | None, inner=None
+) -> tuple[list[int], list[int]]:
+    """Ids of one element exactly as ``_convert_elements_to_ids`` gives them, and the content mask over them
+    (with ``inner``: the mask of the tokens inside any of those character ranges instead)."""
     ids = seam.elements_to_ids(template, tokenizer, [element])
     if span is None or not ids:
         return ids, [0] * len(ids)
+    if inner is not None:
+        encoding = tokenizer(element, add_special_tokens=False, return_offsets_mapping=True)
+        if encoding["input_ids"] != ids:
+            raise TemplateScopeError(f"Template {_template_name(template)!r}: offsets changed the ids of {element!r}.")
+        return ids, [int(any(is_content_token(o, r) for r in inner)) for o in encoding["offset_mapping"]]
 
     encoding = tokenizer(element, add_special_tokens=False, return_offsets_mapping=True)
     if encoding["input_ids"] != ids:

@@ -63,6 +63,7 @@ class Run:
     aligned: "Dataset | None" = None  # LLaMA-Factory's aligned rows behind the prompts (messages, system, ...)
     encoder: Any = None  # data.Encoder: new conversations encoded as LLaMA-Factory encodes rows
     gate_options: list | None = None  # tlm_gate_options: each row's answer options
+    task_adapters: Any = None  # per_prompt.TaskAdapters: adapters of tasks (shared demonstrations) trained so far
     timings: dict[str, float] = field(default_factory=dict)
 
     def answer_row(self, p: int, messages: list[dict] | None = None) -> dict[str, Any] | None:
