@@ -39,7 +39,6 @@ from tlm_plugin.train.workflow import ANSWER_MASKS
 logger = get_logger(__name__)
 
 PART_PATTERN = "tlm_prompts.rank{rank}.jsonl"
-SEED_STRIDE = 1_000_003  # per-prompt seeds: seed * stride + index, the same whichever rank answers the prompt
 
 
 class PoolSource(PromptDataSource):
@@ -71,7 +70,13 @@ class PoolSource(PromptDataSource):
 
 
 def prompt_seed(run, index: int) -> int:
-    return run.training_args.seed * SEED_STRIDE + index
+    """The seed of everything random about one prompt (candidates, generation, orders, random picks): from the run's
+    seed and the prompt's own tokens, so it is the same whichever rank answers it, in whatever order, resumed or not."""
+    import hashlib
+
+    ids = run.prompts[index]["input_ids"]
+    digest = hashlib.sha256(f"{run.training_args.seed}:{','.join(map(str, ids))}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
 
 
 def make_source(run) -> PromptDataSource:
