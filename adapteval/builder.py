@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_N = 5000
 DEFAULT_SEED = 42
+DEFAULT_SHOTS = 5  # demonstrations per prompt of the few-shot bench
 MANIFEST_FORMAT = "adapteval-build/1"
 DATASET_INFO = "dataset_info.json"
 MANIFEST = "manifest.json"
@@ -50,6 +51,7 @@ def build(
     seed: int = DEFAULT_SEED,
     offline: bool = False,
     fixed_dir: str | Path | None = None,
+    shots: int = DEFAULT_SHOTS,
 ) -> dict:
     """Build the named datasets and/or benches ("all", "domain,reasoning", ["gsm8k"]) into ``out_dir``.
 
@@ -63,7 +65,7 @@ def build(
     if fixed_dir is not None and not Path(fixed_dir).is_dir():
         raise DataUnavailableError(f"--fixed-dir {fixed_dir} is not a folder")
     names = resolve(datasets_or_benches, offline=offline, fixed_dir=fixed_dir)
-    built = {name: build_dataset(name, n=n, seed=seed, fixed_dir=fixed_dir) for name in names}
+    built = {name: build_dataset(name, n=n, seed=seed, fixed_dir=fixed_dir, shots=shots) for name in names}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,8 @@ def build(
         _write_json(out / file_name, rows)
         record["file"] = file_name
         record["sha256"] = _sha256(out / file_name)
-        dataset_info[name] = {"file_name": file_name, "formatting": "alpaca", "columns": dict(ALPACA_COLUMNS)}
+        columns = dict(ALPACA_COLUMNS, **({"history": "history"} if record.get("shots") else {}))
+        dataset_info[name] = {"file_name": file_name, "formatting": "alpaca", "columns": columns}
         manifest["datasets"][name] = record
         logger.info("adapteval: wrote %s (%d rows) to %s", file_name, len(rows), out)
     _write_json(out / DATASET_INFO, dataset_info)
@@ -85,13 +88,30 @@ def build(
 
 
 def build_dataset(
-    name: str, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, fixed_dir: str | Path | None = None
+    name: str,
+    n: int = DEFAULT_N,
+    seed: int = DEFAULT_SEED,
+    fixed_dir: str | Path | None = None,
+    shots: int = DEFAULT_SHOTS,
 ) -> tuple[list[dict], dict]:
     """The rows of one dataset and its manifest record, without writing anything."""
     module = get_dataset(name)
     spec: DatasetSpec = module.SPEC
     path = fixed_path(spec, fixed_dir)
-    rows, record = _from_fixed_file(path, n, seed) if path is not None else _from_source(module, n, seed)
+    if spec.shots:  # K demonstrations first, then n test rows that are never among them
+        if shots < 1:
+            raise ValueError(f"--shots must be at least 1 for {name}, got {shots}")
+        rows, record = _from_source(module, n + shots, seed)
+        demos, rows = rows[:shots], rows[shots:]
+        history = [[_user_turn(d), d["output"]] for d in demos]
+        rows = [{**row, "history": history} for row in rows]
+        record.update(
+            shots=shots,
+            demonstration_rows=[d["source_row"] for d in demos],
+            demonstrations="the first K distinct valid rows of the seeded order; the test rows follow them",
+        )
+    else:
+        rows, record = _from_fixed_file(path, n, seed) if path is not None else _from_source(module, n, seed)
     return rows, {
         "title": spec.title,
         "bench": spec.bench,
@@ -104,6 +124,11 @@ def build_dataset(
         "builder": module.__name__,
         "builder_version": module.VERSION,
     }
+
+
+def _user_turn(row: dict) -> str:
+    """The user turn of an alpaca row as LLaMA-Factory builds it: instruction, then the input on a new line."""
+    return f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
 
 
 def _from_source(module: ModuleType, n: int, seed: int) -> tuple[list[dict], dict]:

@@ -23,7 +23,7 @@ EXIT_USER_ERROR = 2
 
 
 def add_build_command(subparsers: argparse._SubParsersAction) -> None:
-    from adapteval.builder import DEFAULT_N, DEFAULT_SEED
+    from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SHOTS
 
     parser = subparsers.add_parser(
         "build",
@@ -36,9 +36,15 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--bench",
         required=True,
-        help="comma-separated benches (domain, instruction, reasoning, all) and/or dataset names (gsm8k, ...)",
+        help="comma-separated benches (domain, instruction, reasoning, all; fewshot) and/or dataset names (gsm8k, ...)",
     )
     parser.add_argument("--out", required=True, help="output folder (created; an existing build there is extended)")
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=DEFAULT_SHOTS,
+        help=f"fewshot bench: demonstrations in every prompt's history (default {DEFAULT_SHOTS})",
+    )
     parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"rows per dataset (default {DEFAULT_N})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"sampling seed (default {DEFAULT_SEED})")
     parser.add_argument(
@@ -60,7 +66,9 @@ def run_build(args: argparse.Namespace) -> int:
     from adapteval.registry import resolve
 
     names = resolve(args.bench, offline=args.offline, fixed_dir=args.fixed_dir)
-    manifest = build(names, args.out, n=args.n, seed=args.seed, offline=args.offline, fixed_dir=args.fixed_dir)
+    manifest = build(
+        names, args.out, n=args.n, seed=args.seed, offline=args.offline, fixed_dir=args.fixed_dir, shots=args.shots
+    )
     print(f"AdaptEval build in {args.out} ({'offline packs' if args.offline else 'hub'}, seed {args.seed})")
     print(f"{'dataset':<18} {'bench':<12} {'metric':<10} {'rows':>6}  source")
     for name in names:

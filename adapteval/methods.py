@@ -229,3 +229,32 @@ register_method(
     )
 )
 TEACHER_METHODS = ("tt-d",)  # methods whose tlm_generator comes from --teacher
+
+# Few-shot test-time training (Akyürek et al., 2024), for prompts that carry demonstrations (the fewshot bench):
+# icl answers them as they are (the paper's baseline); fewshot-ttt first learns the demonstrations: 40 orders, the
+# loss on every answer, batch 5, one epoch, one adapter per task (prompts sharing demonstrations), then answers.
+register_method(
+    Method(
+        "icl",
+        "in-context learning: the few-shot prompts answered as they are, no training (the paper's baseline)",
+        {"stage": "tlm", "do_train": False, "do_predict": True, "tlm_eval_answers": True},
+    )
+)
+register_method(
+    Method(
+        "fewshot-ttt",
+        "few-shot TTT: learn the prompt's demonstrations (40 orders, loss on every answer), answer, restore",
+        {
+            **TLM_ADAPT,
+            "tlm_reset": "prompt",
+            "tlm_selector": "demos",
+            "tlm_demo_orders": 40,
+            "tlm_demo_format": "all",
+            "tlm_prompt_epochs": 1,
+            "per_device_train_batch_size": 5,
+            "lr_scheduler_type": "cosine",
+            "warmup_ratio": 0.1,
+            "learning_rate": 1.0e-4,
+        },
+    )
+)

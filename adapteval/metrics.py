@@ -52,11 +52,11 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("rouge2", True, ("domain", "instruction"), "ROUGE-2 F1", "mean"),
         MetricSpec("rougeL", True, ("domain", "instruction"), "ROUGE-L F1", "mean"),
         MetricSpec("bleu", True, ("domain", "instruction"), "sacrebleu corpus BLEU / 100", "corpus"),
-        MetricSpec("em", True, ("reasoning",), "exact match of the extracted answer", "mean"),
+        MetricSpec("em", True, ("reasoning", "fewshot"), "exact match of the extracted answer", "mean"),
         MetricSpec(
             "answer_bpb",
             False,
-            ("domain", "instruction", "reasoning"),
+            ("domain", "instruction", "reasoning", "fewshot"),
             "bits per byte of the reference answer, teacher-forced (sft label tokens)",
             "mean",
         ),

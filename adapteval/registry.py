@@ -19,15 +19,17 @@ from adapteval.datasets import (
     geography,
     geography_evals,
     gsm8k,
+    gsm_fewshot,
     gsm_symbolic,
     instruction_wild,
     logiqa,
     logiqa_evals,
+    logiqa_fewshot,
     medicine,
     medicine_evals,
     metamath,
 )
-from adapteval.datasets._base import BENCHES, DatasetSpec
+from adapteval.datasets._base import BENCHES, PAPER_BENCHES, DatasetSpec
 from adapteval.errors import DataUnavailableError, UnknownNameError
 
 
@@ -52,6 +54,9 @@ _MODULES: tuple[ModuleType, ...] = (
     chatterbot,
     gsm_symbolic,
     logiqa_evals,
+    # FewShotBench: offline packs whose prompts carry demonstrations (few-shot test-time training)
+    logiqa_fewshot,
+    gsm_fewshot,
 )
 
 DATASETS: dict[str, ModuleType] = {module.SPEC.name: module for module in _MODULES}
@@ -108,7 +113,7 @@ def resolve(names: str | Iterable[str], offline: bool = False, fixed_dir: str | 
     for name in requested:
         key = name.lower()
         if key == ALL:
-            members = [member for bench in BENCHES for member in bench_datasets(bench, offline, fixed_dir)]
+            members = [member for bench in PAPER_BENCHES for member in bench_datasets(bench, offline, fixed_dir)]
         elif key in BENCHES:
             members = bench_datasets(key, offline, fixed_dir)
         elif key in DATASETS:

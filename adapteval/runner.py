@@ -121,6 +121,7 @@ class Cell:
     limit: int | None
     config_hash: str
     backend: str = "hf"  # how its predictions are generated: "hf" (in the training run) or "vllm" (a step after)
+    answers_only: bool = False  # no predictions: the headline is the reference answers' bits per byte
 
     @property
     def name(self) -> str:
@@ -196,6 +197,7 @@ def run(
             dataset_info,
             limit,
             backend,
+            answers_only,
         )
         for name in names
         for method in method_list
@@ -323,13 +325,13 @@ def prepare_data(
 
 def names_in_build(bench: str, built: Mapping[str, Any], data_dir: Path) -> list[str]:
     """Resolve benches and names against what a build folder holds (registry order within a bench)."""
-    from adapteval.datasets._base import BENCHES
+    from adapteval.datasets._base import BENCHES, PAPER_BENCHES
     from adapteval.registry import DATASETS
 
     names: list[str] = []
     for token in [part.strip().lower() for part in bench.split(",") if part.strip()]:
         if token == ALL or token in BENCHES:
-            benches = BENCHES if token == ALL else (token,)
+            benches = PAPER_BENCHES if token == ALL else (token,)
             members = [n for b in benches for n in DATASETS if n in built and get_dataset(n).SPEC.bench == b]
         elif token in DATASETS:
             if token not in built:
@@ -354,6 +356,7 @@ def plan_cell(
     dataset_info: dict[str, Any],
     limit: int | None,
     backend: str = "hf",
+    answers_only: bool = False,
 ) -> Cell:
     if dataset not in dataset_info:
         raise DataUnavailableError(f"{dataset} has no entry in {data_dir}/{DATASET_INFO}")
@@ -393,6 +396,7 @@ def plan_cell(
         limit=limit,
         config_hash=config_hash,
         backend=backend,
+        answers_only=answers_only,
     )
 
 
@@ -540,12 +544,41 @@ def answer_fields(output_dir: Path) -> dict[str, Any]:
     return fields
 
 
+def vote_on_extracted_answers(dataset: str, output_dir: Path, predictions: list[str]) -> list[str]:
+    """With ``tlm_demo_votes``, stage tlm keeps the majority of the answers' exact texts; for an exact-match dataset
+    the vote is taken again on the extracted answers (two answers saying "B" and "The answer is B" agree). Returns
+    the predictions with each voted row's answer replaced by one that carries the winning extracted answer."""
+    from adapteval.extract import ANSWER_FORMATS
+
+    spec = get_dataset(dataset).SPEC
+    path = output_dir / "tlm_demos.jsonl"
+    if spec.answer_format is None or not path.is_file():
+        return predictions
+    extract = ANSWER_FORMATS[spec.answer_format].extract_prediction
+    out = list(predictions)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        votes = record.get("votes") or []
+        if len(votes) < 2:
+            continue
+        answers = [extract(v) for v in votes]
+        counts: dict[str, int] = {}
+        for a in answers:
+            if a is not None:
+                counts[a] = counts.get(a, 0) + 1
+        if counts:
+            best = max(counts, key=lambda a: (counts[a], -answers.index(a)))
+            out[record["index"]] = votes[answers.index(best)]
+    return out
+
+
 def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str, Any]) -> dict:
     """The cell.json record of a finished run (references are the data file's ``output`` texts)."""
     start = time.perf_counter()
     answers = answer_fields(output_dir)
-    if recipe.get("do_predict", True):
+    if not cell.answers_only:
         predictions = read_predictions(output_dir / PREDICTIONS, len(rows), cell.name)
+        predictions = vote_on_extracted_answers(cell.dataset, output_dir, predictions)
         result = score_predictions(cell.dataset, predictions, [row["output"] for row in rows])
     else:  # answers only: the headline metric is the answers' bits per byte
         if answers["answer_bpb"] is None:

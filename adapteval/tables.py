@@ -52,7 +52,12 @@ CI_CONFIDENCE = 0.95
 CI_RESAMPLES = 2000
 CI_SEED = 0
 CI_KEYS = ("diff_vs_base", "diff_ci_low", "diff_ci_high")
-BENCH_TITLES = {"domain": "DomainBench", "instruction": "InstructionBench", "reasoning": "ReasoningBench"}
+BENCH_TITLES = {
+    "domain": "DomainBench",
+    "instruction": "InstructionBench",
+    "reasoning": "ReasoningBench",
+    "fewshot": "FewShotBench",
+}
 METRIC_TITLES = {"rougeLsum": "ROUGE-Lsum", "em": "EM"}
 CELL_KEYS = (
     "dataset",

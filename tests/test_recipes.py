@@ -98,6 +98,7 @@ def test_there_are_paper_recipes_for_every_model_and_bench():
     assert {path.stem for path in RECIPES if path.stem.startswith("smollm2_cpu")} == {
         "smollm2_cpu_offline",
         "smollm2_cpu_online",
+        "smollm2_cpu_ttsi",
     }
 
 
@@ -189,3 +190,16 @@ def test_ttsi_recipes_carry_the_papers_settings(path, tmp_path):
         assert tlm_args.tlm_generator.startswith("http://")
     elif "qwen" in path.stem:
         assert tlm_args.tlm_generator == "self" and model_args.model_name_or_path == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def test_fewshot_recipe_carries_the_papers_bbh_settings(tmp_path):
+    """r 64, alpha 64, dropout 0.05, lr 1e-4, one epoch, batch 5, 40 orders, q/v/o and the MLP (Akyürek et al.)."""
+    path = REPO / "recipes" / "fewshot" / "llama3.1_8b_instruct_fewshot_ttt.yaml"
+    tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
+    assert (tlm_args.tlm_reset, tlm_args.tlm_selector, tlm_args.tlm_demo_orders) == ("prompt", "demos", 40)
+    assert tlm_args.tlm_demo_format == "all" and tlm_args.tlm_prompt_epochs == 1
+    assert (finetuning_args.lora_rank, finetuning_args.lora_alpha, finetuning_args.lora_dropout) == (64, 64, 0.05)
+    assert set(finetuning_args.lora_target) == {"q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert training_args.learning_rate == 1e-4 and training_args.per_device_train_batch_size == 5
+    assert training_args.num_train_epochs == 1.0 and str(training_args.lr_scheduler_type.value) == "cosine"
+    assert model_args.model_name_or_path == "meta-llama/Llama-3.1-8B-Instruct"

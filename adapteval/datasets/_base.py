@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
-BENCHES = ("domain", "instruction", "reasoning")
+BENCHES = ("domain", "instruction", "reasoning", "fewshot")
+PAPER_BENCHES = ("domain", "instruction", "reasoning")  # AdaptEval as the TLM paper defines it ("all")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DatasetSpec:
     fixed_file: str | None = None  # file name of the released 5k subset, if the benchmark published one
     answer_format: str | None = None  # for "em": which extractor reads answers (see adapteval.extract)
     notes: str = ""
+    shots: bool = False  # few-shot bench: every prompt carries K demonstrations in its history (builder --shots)
 
     def __post_init__(self) -> None:
         assert self.bench in BENCHES, self.bench

@@ -113,4 +113,5 @@ def test_metric_registry_metadata_matches_the_datasets():
             assert METRICS[metric].higher_is_better
             assert spec.bench in METRICS[metric].benches, (spec.name, metric)
     assert METRICS["bleu"].aggregation == "corpus"
-    assert METRICS["em"].benches == ("reasoning",)
+    assert METRICS["em"].benches == ("reasoning", "fewshot")
+    assert not METRICS["answer_bpb"].higher_is_better

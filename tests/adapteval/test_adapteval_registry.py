@@ -2,7 +2,7 @@
 
 import pytest
 
-from adapteval.datasets._base import BENCHES
+from adapteval.datasets._base import PAPER_BENCHES as BENCHES
 from adapteval.errors import DataUnavailableError, UnknownNameError
 from adapteval.registry import DATASETS, bench_datasets, resolve, specs
 
@@ -17,6 +17,7 @@ OFFLINE = {
     "instruction": ["chatterbot"],
     "reasoning": ["gsm_symbolic", "logiqa_evals"],
 }
+FEWSHOT = ["logiqa_fewshot", "gsm_fewshot"]
 
 
 def test_every_builder_has_a_version_and_a_consistent_spec():
@@ -24,7 +25,8 @@ def test_every_builder_has_a_version_and_a_consistent_spec():
         assert isinstance(module.VERSION, str) and module.VERSION, name
         assert module.SPEC.name == name
         assert callable(module.load_parts) and callable(module.format_row)
-        assert module.SPEC.metric == ("em" if module.SPEC.bench == "reasoning" else "rougeLsum")
+        assert module.SPEC.metric == ("em" if module.SPEC.bench in ("reasoning", "fewshot") else "rougeLsum")
+        assert module.SPEC.shots == (module.SPEC.bench == "fewshot")
         assert module.SPEC.needs_hub == (module.SPEC.fixed_file is not None)
 
 
@@ -33,6 +35,8 @@ def test_the_ten_paper_datasets_and_their_benches():
         assert bench_datasets(bench) == PAPER[bench]
         assert bench_datasets(bench, offline=True) == OFFLINE[bench]
     assert sum(spec.needs_hub for spec in specs()) == 10
+    assert bench_datasets("fewshot", offline=True) == FEWSHOT  # our addition: never part of "all"
+    assert resolve("fewshot", offline=True) == FEWSHOT and not set(FEWSHOT) & set(resolve("all", offline=True))
 
 
 def test_resolve_mixes_benches_and_datasets_without_repeats():
@@ -53,7 +57,7 @@ def test_unknown_name_lists_valid_names():
         resolve("domain,reasonin")
     message = str(error.value)
     assert "'reasonin'" in message
-    assert "valid benches: domain, instruction, reasoning, all" in message
+    assert "valid benches: domain, instruction, reasoning, fewshot, all" in message
     assert "gsm8k" in message and "chatterbot" in message
     with pytest.raises(UnknownNameError, match="no dataset or bench named"):
         resolve(" , ")
