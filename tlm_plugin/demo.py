@@ -84,8 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": (base_s, tlm_s),
         "adaptation_s": summary["wall_time_s"].get("score_before_s", 0) + summary["wall_time_s"].get("train_s", 0),
     }
-    print(format_table(result, tlm_dir))
+    print(format_table(result, _shown(tlm_dir)))
     return result
+
+
+def _shown(path: Path) -> Path:
+    """The path as the user would type it: relative to the current directory when it lies below it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 def format_table(r: dict, tlm_dir: Path) -> str:
