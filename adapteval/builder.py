@@ -27,7 +27,8 @@ from pathlib import Path
 from types import ModuleType
 
 from adapteval.datasets._base import DatasetSpec, SourcePart
-from adapteval.errors import DataUnavailableError
+from adapteval.datasets._packages import install_commands, missing_packages
+from adapteval.errors import DataUnavailableError, MissingPackageError
 from adapteval.registry import fixed_path, get_dataset, resolve
 
 
@@ -65,6 +66,7 @@ def build(
     if fixed_dir is not None and not Path(fixed_dir).is_dir():
         raise DataUnavailableError(f"--fixed-dir {fixed_dir} is not a folder")
     names = resolve(datasets_or_benches, offline=offline, fixed_dir=fixed_dir)
+    _check_packages(names, fixed_dir)
     built = {name: build_dataset(name, n=n, seed=seed, fixed_dir=fixed_dir, shots=shots) for name in names}
 
     out = Path(out_dir)
@@ -85,6 +87,24 @@ def build(
     _write_json(out / DATASET_INFO, dataset_info)
     _write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _check_packages(names: list[str], fixed_dir) -> None:
+    """One error naming every missing package of the offline packs asked for, before anything is built."""
+    needed = {}
+    for name in names:
+        spec: DatasetSpec = get_dataset(name).SPEC
+        if fixed_path(spec, fixed_dir) is None:
+            for package in spec.packages:
+                needed.setdefault(package, []).append(name)
+    missing = missing_packages(needed)
+    if missing:
+        which = "; ".join(f"{package} for {', '.join(needed[package])}" for package in missing)
+        raise MissingPackageError(
+            f"the offline AdaptEval packs need packages that are not installed ({which}): "
+            f"run `{install_commands(missing)}`, or install everything at once with "
+            f"`pip install 'llamafactory-tlm[offline]' && {install_commands(['evals'])}`"
+        )
 
 
 def build_dataset(

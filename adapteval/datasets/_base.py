@@ -35,6 +35,7 @@ class DatasetSpec:
     answer_format: str | None = None  # for "em": which extractor reads answers (see adapteval.extract)
     notes: str = ""
     shots: bool = False  # few-shot bench: every prompt carries K demonstrations in its history (builder --shots)
+    packages: tuple[str, ...] = ()  # offline packs: import names of the PyPI packages that ship the data
 
     def __post_init__(self) -> None:
         assert self.bench in BENCHES, self.bench

@@ -25,6 +25,23 @@ PACKAGES = {
 GENERIC_SYSTEM_PROMPTS = frozenset({"You are a helpful assistant."})
 
 
+def missing_packages(import_names) -> list[str]:
+    """The import names among ``import_names`` whose package is not installed (found without importing it)."""
+    missing = []
+    for name in dict.fromkeys(import_names):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(name)
+    return missing
+
+
+def install_commands(import_names) -> str:
+    """The pip commands that install these packages at their tested versions (evals needs its own ``--no-deps``)."""
+    plain = [PACKAGES[n][1].removeprefix("pip install ") for n in import_names if "--no-deps" not in PACKAGES[n][1]]
+    own = [PACKAGES[n][1] for n in import_names if "--no-deps" in PACKAGES[n][1]]
+    return " && ".join(([f"pip install {' '.join(plain)}"] if plain else []) + own)
+
+
 def package_dir(import_name: str) -> Path:
     """The installed package's folder, found without importing it; a clear error naming pip if it is absent."""
     dist_name, pip_command = PACKAGES[import_name]

@@ -19,6 +19,7 @@ SPEC = DatasetSpec(
     metric="rougeLsum",
     source="chatterbot-corpus==1.3.3: data/english/{" + ",".join(FILES) + "}.yml",
     needs_hub=False,
+    packages=("chatterbot_corpus",),
 )
 
 

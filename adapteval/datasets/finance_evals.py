@@ -14,6 +14,7 @@ SPEC = DatasetSpec(
     metric="rougeLsum",
     source="evals==3.0.1.post1: " + ", ".join(FILES),
     needs_hub=False,
+    packages=("evals",),
 )
 
 

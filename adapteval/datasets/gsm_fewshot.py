@@ -18,6 +18,7 @@ SPEC = DatasetSpec(
     answer_format="gsm8k",
     source=gsm_symbolic.SPEC.source + " (demonstrations: other generated problems)",
     needs_hub=False,
+    packages=("reasoning_gym",),
     shots=True,
 )
 

@@ -23,6 +23,7 @@ SPEC = DatasetSpec(
     answer_format="gsm8k",
     source="reasoning-gym==0.1.25: gsm_symbolic generator",
     needs_hub=False,
+    packages=("reasoning_gym",),
 )
 
 

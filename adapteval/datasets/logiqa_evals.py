@@ -22,6 +22,7 @@ SPEC = DatasetSpec(
     answer_format="logiqa",
     source="evals==3.0.1.post1: " + ", ".join(FILES),
     needs_hub=False,
+    packages=("evals",),
 )
 
 # "\nPassage: <text>Question: <question>\nA. A.<option>\nB. B.<option>\nC. ...\nD. ...\nAnswer:"

@@ -17,6 +17,7 @@ SPEC = DatasetSpec(
     answer_format="logiqa",
     source=logiqa_evals.SPEC.source + " (demonstrations: other rows of the same file)",
     needs_hub=False,
+    packages=("evals",),
     shots=True,
 )
 load_parts = logiqa_evals.load_parts

@@ -99,6 +99,25 @@ def test_missing_package_error_names_the_pip_command(monkeypatch, tmp_path, pack
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_every_missing_package_is_named_in_one_error(monkeypatch, tmp_path):
+    absent = {"evals", "reasoning_gym", "chatterbot_corpus"}
+    real_find_spec = _packages.importlib.util.find_spec
+    monkeypatch.setattr(
+        _packages.importlib.util, "find_spec", lambda name: None if name in absent else real_find_spec(name)
+    )
+    with pytest.raises(MissingPackageError) as error:
+        build("all", tmp_path, n=5, offline=True)
+    message = str(error.value)
+    assert "pip install reasoning-gym==0.1.25 chatterbot-corpus==1.3.3 && pip install --no-deps evals==3.0.1.post1" in (
+        message
+    ) or "pip install chatterbot-corpus==1.3.3 reasoning-gym==0.1.25 && pip install --no-deps evals==3.0.1.post1" in (
+        message
+    )
+    for dataset in ("medicine_evals", "gsm_symbolic", "chatterbot", "logiqa_evals"):
+        assert dataset in message
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_llamafactory_reads_the_build(offline_build):
     import datasets
     from llamafactory.data.converter import AlpacaDatasetConverter
