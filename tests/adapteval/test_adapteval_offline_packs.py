@@ -108,10 +108,11 @@ def test_every_missing_package_is_named_in_one_error(monkeypatch, tmp_path):
     with pytest.raises(MissingPackageError) as error:
         build("all", tmp_path, n=5, offline=True)
     message = str(error.value)
-    assert "pip install reasoning-gym==0.1.25 chatterbot-corpus==1.3.3 && pip install --no-deps evals==3.0.1.post1" in (
-        message
-    ) or "pip install chatterbot-corpus==1.3.3 reasoning-gym==0.1.25 && pip install --no-deps evals==3.0.1.post1" in (
-        message
+    assert (
+        "pip install reasoning-gym==0.1.25 chatterbot-corpus==1.3.3 && pip install --no-deps evals==3.0.1.post1"
+        in (message)
+        or "pip install chatterbot-corpus==1.3.3 reasoning-gym==0.1.25 && pip install --no-deps evals==3.0.1.post1"
+        in (message)
     )
     for dataset in ("medicine_evals", "gsm_symbolic", "chatterbot", "logiqa_evals"):
         assert dataset in message
