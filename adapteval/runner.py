@@ -70,7 +70,8 @@ LOG_TAIL_LINES = 40
 
 # The paper's settings (Hu et al. 2025, Sec. 5.1 / App. B). The learning rate depends on the bench and is only
 # used when the base recipe sets none.
-PAPER_LEARNING_RATES = {"domain": 5.0e-5, "instruction": 5.0e-5, "reasoning": 1.0e-6}
+# the TLM paper per bench; fewshot: the few-shot TTT paper (Akyürek et al.) on BIG-Bench Hard
+PAPER_LEARNING_RATES = {"domain": 5.0e-5, "instruction": 5.0e-5, "reasoning": 1.0e-6, "fewshot": 1.0e-4}
 PAPER_RECIPE: dict[str, Any] = {
     "trust_remote_code": False,
     "finetuning_type": "lora",
@@ -365,7 +366,8 @@ def plan_cell(
     if not data_file.is_file():
         raise DataUnavailableError(f"{data_file} (dataset {dataset}) does not exist")
     recipe = dict(base)
-    recipe.setdefault("learning_rate", PAPER_LEARNING_RATES[get_dataset(dataset).SPEC.bench])
+    if "learning_rate" not in recipe:
+        recipe["learning_rate"] = PAPER_LEARNING_RATES[get_dataset(dataset).SPEC.bench]
     recipe = {**method.apply(recipe), **overrides, "dataset": dataset}
     # a tlm_* key of the base recipe that this method's mode does not use (e.g. TLM's P0 for an entropy method) is
     # dropped; the method's own keys and --set values always stay (stage tlm refuses those if they are inert)

@@ -205,6 +205,30 @@ def test_without_a_recipe_the_paper_settings_are_used(tmp_path, data_dir):
     assert (recipe["max_new_tokens"], recipe["do_sample"], recipe["cutoff_len"]) == (512, False, 4096)
 
 
+def test_every_bench_plans_its_cells_with_and_without_a_recipe(tmp_path):
+    data = tmp_path / "data"
+    builder.build("logiqa_fewshot,gsm_symbolic", data, n=4, seed=0, offline=True, shots=2)
+    for recipe in (None, write_tiny_recipe(Path("tiny"), tmp_path / "tiny.yaml")):
+        launcher = FakeLauncher()
+        out = tmp_path / ("paper" if recipe is None else "tiny")
+        runner.run(
+            out,
+            "logiqa_fewshot,gsm_symbolic",
+            "icl,fewshot-ttt",
+            data_dir=data,
+            launcher=launcher,
+            recipe=recipe,
+            model="tiny",
+            template="chatml",
+            limit=2,
+        )
+        rates = {(r["dataset"], r.get("tlm_selector")): r["learning_rate"] for r in launcher.recipes}
+        tiny_rate = yaml.safe_load((tmp_path / "tiny.yaml").read_text())["learning_rate"]
+        assert rates[("logiqa_fewshot", None)] == (1e-4 if recipe is None else tiny_rate)  # icl: the bench's rate
+        assert rates[("logiqa_fewshot", "demos")] == 1e-4  # fewshot-ttt: the paper's, always
+        assert rates[("gsm_symbolic", None)] == (1e-6 if recipe is None else tiny_rate)
+
+
 def test_a_registered_method_plugs_in_with_overrides_only(tmp_path, data_dir):
     register_method(Method("tlm-all", "TLM on every prompt, weight 1", {"stage": "tlm", "tlm_selector": "all"}))
     try:
@@ -280,3 +304,29 @@ def test_markdown_groups_datasets_by_bench_with_averages():
         "|  | **Avg.** |  | 2 sets | 0.1857 | 0.2792 (+50.3%) |",
         "| ReasoningBench | gsm8k | EM | 5000 | 0.7610 | 0.8074 (+6.1%) |",
     ]
+
+
+@pytest.mark.slow
+def test_fewshot_bench_answers_only_runs_icl_and_fewshot_ttt_end_to_end(tiny_model, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    builder.build("logiqa_fewshot", data, n=3, seed=0, offline=True, shots=2)
+    recipe = write_tiny_recipe(tiny_model, tmp_path / "tiny.yaml")
+    out = tmp_path / "results"
+    for key, value in SUBPROCESS_ENV.items():
+        monkeypatch.setenv(key, value)
+    args = ["run", "--template", "chatml", "--bench", "logiqa_fewshot", "--methods", "icl,fewshot-ttt"]
+    args += ["--answers-only", "--limit", "3", "--out", str(out), "--data", str(data), "--recipe", str(recipe)]
+    code = cli.main(args)
+    cells = {m: out / "cells" / "logiqa_fewshot" / m for m in ("icl", "fewshot-ttt")}
+    assert code == 0, (cells["fewshot-ttt"] / "run.log").read_text()[-3000:]
+    icl, ttt = (json.loads((cells[m] / "cell.json").read_text()) for m in ("icl", "fewshot-ttt"))
+    for cell in (icl, ttt):
+        assert cell["metric"] == "answer_bpb" and cell["n"] == 3 and len(cell["per_sample"]) == 3
+        assert not (cells[cell["method"]] / "output" / "generated_predictions.jsonl").exists()  # nothing generated
+    # icl never trains: its answers are measured under the base model, which is also fewshot-ttt's "before"
+    assert icl["answer_bpb_per_row"] == pytest.approx(icl["answer_bpb_base_per_row"])
+    assert ttt["answer_bpb_base_per_row"] == pytest.approx(icl["answer_bpb_per_row"], rel=1e-5)
+    assert ttt["answer_bpb_per_row"] != pytest.approx(ttt["answer_bpb_base_per_row"], rel=1e-5)  # it learned
+    demos = [json.loads(line) for line in (cells["fewshot-ttt"] / "output" / "tlm_demos.jsonl").open()]
+    assert [(d["n_demos"], d["cache_hit"]) for d in demos] == [(2, False), (2, True), (2, True)]  # one task
+    assert "bits per byte" in (out / "results.md").read_text()
