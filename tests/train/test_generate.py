@@ -72,6 +72,11 @@ def test_generator_output_is_parsed_and_never_trusted():
     assert (examples[0].input, examples[0].output) == ("What is 2+3?", "5")
     assert [e.status for e in parse_examples("no structure at all")] == ["malformed"]
     assert [e.status for e in parse_examples("")] == ["malformed"]
+    # the format copied instead of filled in (a small model does this): never trained on
+    copied = "### Example 1\nInput: <the complete new task>\nOutput: D. The station is west.\n"
+    copied += "### Example 2\nInput: Which is larger, 3 or <5>?\nOutput: <its answer>\n"
+    copied += "### Example 3\nInput: Is <b> a tag?\nOutput: Yes, <b> is bold.\n"
+    assert [e.status for e in parse_examples(copied)] == ["placeholder", "placeholder", "ok"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,13 +34,15 @@ Output: <its answer>
 """
 _BLOCK = re.compile(r"^\s*#+\s*Example\s*\d+\s*:?\s*$", re.IGNORECASE | re.MULTILINE)
 _FIELD = re.compile(r"^\s*(Input|Output)\s*:\s*", re.IGNORECASE | re.MULTILINE)
+# a field that is only an angle-bracketed phrase copies the format's placeholder ("<the complete new task>")
+_PLACEHOLDER = re.compile(r"^<[^<>\n]{1,200}>$")
 
 
 @dataclass
 class Example:
     input: str
     output: str
-    status: str = "ok"  # ok, malformed, repeats_prompt, leaks_reference, duplicate, surplus
+    status: str = "ok"  # ok, malformed, placeholder, repeats_prompt, leaks_reference, duplicate, surplus
 
 
 def _norm(text: str) -> str:
@@ -49,7 +51,8 @@ def _norm(text: str) -> str:
 
 def parse_examples(text: str) -> list[Example]:
     """The ``### Example N / Input: / Output:`` blocks of a generator's reply, in order; a block without both
-    fields (or with an empty one) is kept as ``malformed`` with whatever was found."""
+    fields (or with an empty one) is kept as ``malformed`` with whatever was found, one whose input or output is
+    only a ``<placeholder>`` (the format copied, not filled in) as ``placeholder``."""
     blocks = [b for b in _BLOCK.split(text) if b.strip()] if _BLOCK.search(text) else [text]
     examples = []
     for block in blocks:
@@ -60,6 +63,8 @@ def parse_examples(text: str) -> list[Example]:
         example = Example(fields.get("input", ""), fields.get("output", ""))
         if not example.input or not example.output:
             example.status = "malformed"
+        elif _PLACEHOLDER.match(example.input) or _PLACEHOLDER.match(example.output):
+            example.status = "placeholder"
         examples.append(example)
     return examples
 
