@@ -11,6 +11,10 @@ Cases (SmolLM2-135M-Instruct, the 24 demo prompts, every run a real ``llamafacto
   adaptation equal ``bf16_offline``'s, the selected prompts are trained on.
 - ``fsdp``: offline bf16 under FSDP2 through ``accelerate launch`` (one process).
 - ``per_prompt_sift``: SIFT test-time fine-tuning per prompt (budget 4), every prompt answered once, restored.
+- ``per_prompt_ttsi``: TT-SI per prompt (margin gate, the model writes one example, learns it, answers, restores).
+- ``per_prompt_ttd_endpoint``: TT-D from an OpenAI-compatible endpoint (a stub teacher in this script that writes one
+  well-formed example per request): every prompt learns the example (its loss falls), answers, restores.
+- ``per_prompt_fewshot``: few-shot TTT on prompts carrying 3 demonstrations: one adapter per task, reused, restored.
 - ``resume_after_kill``: an online run killed with SIGKILL mid-stream and rerun: no prediction lost or duplicated;
   the report says how many predictions equal an uninterrupted run's.
 - then ``bench/bench_tlm.py --gpu``: stage tlm vs a plain LoRA run in bf16 (target: adaptation <= 1.10x).
@@ -279,6 +283,154 @@ def case_per_prompt_sift(ctx) -> str:
     return f"{s['n_prompts']} prompts, log-ppl {s['mean_log_ppl_before']:.3f} -> {s['mean_log_ppl_after']:.3f}"
 
 
+def case_per_prompt_ttsi(ctx) -> str:
+    recipe = base_recipe(
+        ctx.model,
+        ctx.data,
+        ctx.work / "ttsi",
+        tlm_reset="prompt",
+        tlm_selector="generate",
+        tlm_generator="self",
+        tlm_gate="margin",
+        tlm_gate_tau=0.95,
+        tlm_generate_k=1,
+        tlm_generate_max_tokens=160,
+        tlm_prompt_epochs=2,
+        lora_target="all",
+        max_samples=6 if CPU["on"] else None,  # a CPU writes about one example a minute
+    )
+    out = run_ok(recipe, ctx.work, "per_prompt_ttsi")
+    s = read_json(out / "tlm_summary.json")
+    lines = read_jsonl(out / "tlm_generated.jsonl")
+    expect([x["index"] for x in lines] == list(range(s["n_prompts"])), "each prompt once, in order")
+    expect(all("gate_score" in x and "status" in x for x in lines), "a record without its gate score or status")
+    counts = s["per_prompt"]
+    expect(counts.get("n_generator_failed", 0) == 0, f"{counts.get('n_generator_failed')} generator failures")
+    trained = [x for x in lines if x["steps"] > 0]
+    expect(all(x["status"] == "ok" for x in trained), "a prompt trained without a usable example")
+    expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
+    return (
+        f"{counts['n_flagged']}/{s['n_prompts']} flagged, {len(trained)} trained on their own example "
+        f"(examples: {counts.get('generated_examples')})"
+    )
+
+
+class StubEndpoint:
+    """An OpenAI-compatible endpoint on 127.0.0.1 that answers every request with one well-formed example, so that
+    the TT-D path (endpoint -> parse -> train -> answer -> restore) runs whatever the demo model would write."""
+
+    REPLY = "### Example 1\nInput: Write the word river backwards.\nOutput: revir\n"
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                self._send({"object": "list", "data": [{"id": "stub-teacher", "object": "model"}]})
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length", 0))
+                stub.requests.append(json.loads(self.rfile.read(length)))
+                message = {"role": "assistant", "content": stub.REPLY}
+                self._send({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+
+            def log_message(self, *args):
+                pass
+
+        self.requests: list[dict] = []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def case_per_prompt_ttd_endpoint(ctx) -> str:
+    with StubEndpoint() as teacher:
+        recipe = base_recipe(
+            ctx.model,
+            ctx.data,
+            ctx.work / "ttd",
+            tlm_reset="prompt",
+            tlm_selector="generate",
+            tlm_generator=teacher.url,
+            tlm_gate="none",
+            tlm_generate_k=1,
+            tlm_prompt_epochs=3,
+            lora_target="all",
+            max_samples=8 if CPU["on"] else None,
+        )
+        out = run_ok(recipe, ctx.work, "per_prompt_ttd_endpoint")
+    s = read_json(out / "tlm_summary.json")
+    lines = read_jsonl(out / "tlm_generated.jsonl")
+    n = s["n_prompts"]
+    expect([x["index"] for x in lines] == list(range(n)), "each prompt once, in order")
+    expect(len(teacher.requests) == n, f"{len(teacher.requests)} requests to the teacher for {n} prompts")
+    expect(all(x["steps"] == 3 for x in lines), f"steps per prompt {[x['steps'] for x in lines]}, expected 3")
+    drops = [(x["data_loss_before"], x["data_loss_after"]) for x in lines]
+    expect(all(b < a for a, b in drops), "the loss on the teacher's answer did not fall on every prompt")
+    expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
+    a, b = drops[0]
+    return f"{n} prompts trained on the teacher's example (3 steps each; first prompt's loss {a:.2f} -> {b:.2f})"
+
+
+def write_fewshot_data(ctx) -> str:
+    """The demo prompts regrouped into 4 tasks of 6 prompts, each carrying 3 demonstrations (the next group's
+    first rows) in its history: 4 task adapters to train, 20 prompts that reuse one."""
+    rows = json.loads((Path(ctx.data) / "tlm_demo.json").read_text(encoding="utf-8"))[:24]
+    folder = ctx.work / "fewshot_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, row in enumerate(rows):
+        group = i // 6
+        donors = [rows[(6 * (group + 1) + j) % 24] for j in range(3)]
+        history = [[d["instruction"], d["output"]] for d in donors]
+        out.append({"instruction": row["instruction"], "input": "", "output": row["output"], "history": history})
+    (folder / "fewshot.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    info = {"fewshot": {"file_name": "fewshot.json", "columns": {"history": "history"}}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return str(folder)
+
+
+def case_per_prompt_fewshot(ctx) -> str:
+    recipe = base_recipe(
+        ctx.model,
+        write_fewshot_data(ctx),
+        ctx.work / "fewshot",
+        dataset="fewshot",
+        tlm_reset="prompt",
+        tlm_selector="demos",
+        tlm_demo_orders=8,
+        tlm_prompt_epochs=1,
+        per_device_train_batch_size=4,
+    )
+    out = run_ok(recipe, ctx.work, "per_prompt_fewshot")
+    s = read_json(out / "tlm_summary.json")
+    lines = read_jsonl(out / "tlm_demos.jsonl")
+    expect([x["index"] for x in lines] == list(range(24)), "each prompt once, in order")
+    expect(all(x["n_demos"] == 3 for x in lines), "demonstrations not found in the history")
+    trained = [x["index"] for x in lines if x["steps"] > 0]
+    expect(trained == [0, 6, 12, 18], f"task adapters trained at prompts {trained}, expected 0, 6, 12, 18")
+    hits = s["per_prompt"]["n_cache_hits"]
+    expect(hits == 20, f"{hits} cache hits, expected 20")
+    expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
+    loss = [(x["data_loss_before"], x["data_loss_after"]) for x in lines if x["steps"] > 0]
+    return "4 task adapters, 20 reuses; demo-answer loss " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loss)
+
+
 def case_resume_after_kill(ctx) -> str:
     common = dict(
         tlm_mode="online",
@@ -320,6 +472,9 @@ CASES = [
     case_deepspeed_zero3,
     case_fsdp,
     case_per_prompt_sift,
+    case_per_prompt_ttsi,
+    case_per_prompt_ttd_endpoint,
+    case_per_prompt_fewshot,
     case_resume_after_kill,
 ]
 
