@@ -135,3 +135,24 @@ def test_llamafactory_reads_the_build(offline_build):
         expected_user = "\n".join(part for part in (table[0]["instruction"], table[0]["input"]) if part)
         assert converted["_prompt"] == [{"role": "user", "content": expected_user}]
         assert converted["_response"] == [{"role": "assistant", "content": table[0]["output"]}]
+
+
+def test_fewshot_prompts_carry_k_demonstrations_that_are_never_their_own_rows(tmp_path):
+    manifest = build("fewshot", tmp_path, n=30, seed=3, offline=True, shots=4)
+    for name in ("logiqa_fewshot", "gsm_fewshot"):
+        rows = _rows(tmp_path, name)
+        record = manifest["datasets"][name]
+        assert len(rows) == 30 and record["shots"] == 4
+        history = rows[0]["history"]
+        assert len(history) == 4 and all(row["history"] == history for row in rows)  # one task per dataset
+        # a demonstration is a row of the same source, written as LLaMA-Factory's user turn + answer ...
+        assert all(isinstance(x, str) and x and isinstance(y, str) and y for x, y in history)
+        # ... and never one of the test rows: neither by source row number nor by text
+        assert not set(record["demonstration_rows"]) & {row["source_row"] for row in rows}
+        turns = {("\n".join(p for p in (row["instruction"], row["input"]) if p), row["output"]) for row in rows}
+        assert not {(x, y) for x, y in history} & turns
+    again = build("fewshot", tmp_path / "again", n=30, seed=3, offline=True, shots=4)  # fixed seed: same demos
+    assert (
+        again["datasets"]["gsm_fewshot"]["demonstration_rows"]
+        == manifest["datasets"]["gsm_fewshot"]["demonstration_rows"]
+    )
