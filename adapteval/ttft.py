@@ -36,7 +36,7 @@ from adapteval.runner import (
 from adapteval.stats import paired_bootstrap
 
 
-FORMAT = "adapteval-ttft/1"
+FORMAT = "adapteval-ttft/2"  # /2: the pool leaves out every row that repeats a test prompt
 METHODS = ("base", "sift", "nearest", "random", "tlm")
 DEFAULT_BUDGET = 10
 DEFAULT_TEST_ROWS = 48
@@ -66,15 +66,22 @@ BASE_RECIPE: dict[str, Any] = {
 }
 
 
+def _prompt_key(row: dict) -> tuple[str, str]:
+    return " ".join(str(row["instruction"]).split()), " ".join(str(row.get("input") or "").split())
+
+
 def split_rows(rows: list[dict], test_rows: int, seed: int) -> tuple[list[int], list[int]]:
-    """(test row numbers, pool row numbers) of a file: a seeded sample of ``test_rows`` and all the others."""
+    """(test row numbers, pool row numbers) of a file: a seeded sample of ``test_rows``, and every other row whose
+    prompt is not a test row's prompt. Files such as wealth-alpaca hold the same question several times with
+    different answers; such a row in the pool would hand its test prompt another answer to the same question."""
     if not 1 <= test_rows < len(rows):
         raise ValueError(f"--test-rows must be between 1 and {len(rows) - 1} for a file of {len(rows)} rows")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     test = sorted(order[:test_rows])
     chosen = set(test)
-    return test, [i for i in range(len(rows)) if i not in chosen]
+    test_prompts = {_prompt_key(rows[i]) for i in test}
+    return test, [i for i in range(len(rows)) if i not in chosen and _prompt_key(rows[i]) not in test_prompts]
 
 
 def prepare_file(path: Path, out: Path, test_rows: int, seed: int) -> tuple[str, Path]:
@@ -89,7 +96,10 @@ def prepare_file(path: Path, out: Path, test_rows: int, seed: int) -> tuple[str,
     clean = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
     (data / "test.json").write_text(json.dumps([clean[i] for i in test], ensure_ascii=False), encoding="utf-8")
     (data / "pool.json").write_text(json.dumps([clean[i] for i in pool], ensure_ascii=False), encoding="utf-8")
-    (data / "rows.json").write_text(json.dumps({"test": test, "pool": pool}), encoding="utf-8")
+    excluded = len(rows) - len(test) - len(pool)  # rows that repeat a test prompt
+    (data / "rows.json").write_text(
+        json.dumps({"test": test, "pool": pool, "excluded_same_prompt": excluded}), encoding="utf-8"
+    )
     info = {f"{name}_test": {"file_name": "test.json"}, f"{name}_pool": {"file_name": "pool.json"}}
     (data / "dataset_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return name, data
