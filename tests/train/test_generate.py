@@ -402,6 +402,37 @@ def test_tt_d_against_a_real_llamafactory_api_and_a_local_teacher_folder(tiny_mo
 
 
 @pytest.mark.slow
+def test_tt_si_with_the_model_itself_through_llamafactory_cli(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "self"
+    recipe = base_recipe(
+        tiny_model,
+        tiny_data,
+        out,
+        tlm_selector="generate",
+        tlm_reset="prompt",
+        tlm_generator="self",
+        tlm_gate="margin",
+        tlm_gate_candidates=3,
+        tlm_gate_max_tokens=6,
+        tlm_generate_max_tokens=24,
+        do_predict=True,
+        max_new_tokens=4,
+    )
+    proc = run_cli(recipe, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_jsonl(out / "tlm_generated.jsonl")
+    assert [r["index"] for r in records] == list(range(len(QUESTIONS)))
+    for r in records:  # the gate ran, the model wrote something, and nothing unusable was trained on
+        assert r["gate"] == "margin" and 0.0 <= r["gate_score"] <= 1.0
+        assert r["flagged"] == (r["gate_score"] < 0.95)
+        assert not r["flagged"] or isinstance(r["generator_reply"], str)
+        assert r["steps"] == 0 or r["n_usable"] > 0
+    summary = json.loads((out / "tlm_summary.json").read_text())
+    assert summary["per_prompt"]["n_flagged"] == sum(r["flagged"] for r in records)
+    assert len(read_jsonl(out / "generated_predictions.jsonl")) == len(QUESTIONS)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides,match",
     [
