@@ -8,7 +8,7 @@ STAMP := $(VENV)/.llamafactory-tlm-installed
 # OpenAI Evals ships the offline demo/AdaptEval data; its own dependency list is large and unneeded here.
 EVALS := evals==3.0.1.post1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean test-floor gpu-check-cpu
 
 install: $(STAMP)
 
@@ -28,6 +28,28 @@ lint: $(STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# The declared lower bounds, installed exactly in their own venv (Python 3.11, LLaMA-Factory's floor), and the
+# backend, skip and resume tests run there; the demo model is converted again with the floor's gguf/transformers.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PYTHON ?= python3.11
+FLOOR_TESTS := tests/train/test_backends.py tests/train/test_gpu_paths.py tests/train/test_deepspeed_paths.py \
+	tests/train/test_resume.py tests/train/test_ranks.py tests/train/test_cli.py tests/test_assets.py
+
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python tests/floor_requirements.py > $(FLOOR_VENV)/floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -e '.[dev,demo,offline]' -r $(FLOOR_VENV)/floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-deps $(EVALS)
+	$(FLOOR_VENV)/bin/python tests/floor_requirements.py --check
+	HF_HUB_OFFLINE=1 LLAMAFACTORY_TLM_CACHE=$(CURDIR)/$(FLOOR_VENV)/cache $(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider $(FLOOR_TESTS)
+	$(FLOOR_VENV)/bin/python tests/floor_requirements.py --check
+
+# The air-gapped GPU check, proven on this CPU: prepare the bundle (needs PyPI), then run it with no network at all
+# (a network namespace; needs root) beside a venv that holds only torch / transformers / accelerate / peft.
+gpu-check-cpu: $(STAMP)
+	$(PY) bench/gpu_check_cpu.py
 
 bench: $(STAMP)
 	$(PY) bench/bench_tlm.py

@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -626,7 +626,7 @@ def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str,
         "config_hash": cell.config_hash,
         "recipe": recipe,
         "timings": {"score_s": round(time.perf_counter() - start, 3), "stages": summary.get("wall_time_s", {})},
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

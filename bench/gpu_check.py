@@ -1,119 +1,514 @@
-# Run: python3 bench/gpu_check.py   (a machine with one NVIDIA GPU and PyPI access; about 8 minutes after installing)
-"""Prove the GPU paths of stage tlm on the demo model: one line per case (PASS/FAIL, why, seconds), then the bench.
+# Run: python3 bench/gpu_check.py --prepare DIR   (any machine with PyPI: writes a bundle of at most 64 MiB)
+#      python3 DIR/gpu_check.py --bundle DIR       (the GPU node, no network at all: about 6 minutes on one H100)
+"""Prove the GPU paths of stage tlm on one NVIDIA GPU, on a node without internet: one PASS/FAIL line per case.
 
-Cases (SmolLM2-135M-Instruct, the 24 demo prompts, every run a real ``llamafactory-cli train``):
+Two steps. ``--prepare DIR`` (here, with PyPI) writes a bundle: the wheels the check needs beyond torch /
+transformers / accelerate / peft / safetensors / numpy (LLaMA-Factory and the dependencies it imports, DeepSpeed as an
+sdist to build without ops, this project), fallback copies of transformers / accelerate / peft, the demo tokenizer and
+demo prompts, this script, and a manifest. No model weights. ``--bundle DIR`` (the GPU node, no network) installs
+from the bundle with ``pip --no-index`` into a target folder (no venv: the node's python may lack it), on the node's
+own torch; the node's transformers / accelerate / peft are used where they are inside the tested bounds, the bundle's
+copies otherwise (the choice is printed). The models are built there from configs: a tiny Llama with the demo
+tokenizer, first taught the demo prompts and TT-SI's example format (seconds), for every correctness case; a random
+~1B Llama-shaped model for the timing, where only speed matters.
 
-- ``bf16_offline``: offline TLM in bf16; the adapter learned (selected prompts' log-perplexity fell), every selected
-  prompt took one optimizer step, 24 predictions.
-- ``fp16_online_no_selection``: online in fp16 with P0 above every prompt, so no chunk selects anything: the
-  GradScaler never sees an empty step, every update is skipped and counted, the adapter stays at its start.
-- ``deepspeed_zero2`` / ``deepspeed_zero3``: offline bf16 under DeepSpeed (one process): the scores before
-  adaptation equal ``bf16_offline``'s, the selected prompts are trained on.
-- ``fsdp``: offline bf16 under FSDP2 through ``accelerate launch`` (one process).
-- ``per_prompt_sift``: SIFT test-time fine-tuning per prompt (budget 4), every prompt answered once, restored.
-- ``per_prompt_ttsi``: TT-SI per prompt (margin gate, the model writes one example, learns it, answers, restores).
-- ``per_prompt_ttd_endpoint``: TT-D from an OpenAI-compatible endpoint (a stub teacher in this script that writes one
-  well-formed example per request): every prompt learns the example (its loss falls), answers, restores.
-- ``per_prompt_fewshot``: few-shot TTT on prompts carrying 3 demonstrations: one adapter per task, reused, restored.
-- ``resume_after_kill``: an online run killed with SIGKILL mid-stream and rerun: no prediction lost or duplicated;
-  the report says how many predictions equal an uninterrupted run's.
-- then ``bench/bench_tlm.py --gpu``: stage tlm vs a plain LoRA run in bf16 (target: adaptation <= 1.10x).
+Every case is a real ``llamafactory-cli train`` (one process; multi-rank agreement is proven by the gloo tests of
+``tests/train/test_ranks.py``) and every PASS means the model learned what it should:
 
-On a machine without the packages it creates ``.venv-gpu`` in the repository, installs the project (with DeepSpeed
-and the demo's data package) and runs itself there. ``--keep DIR`` keeps the runs for inspection.
+- ``bf16_offline``: the prompts the model does not know (log-ppl above P0) are selected and no other, one optimizer
+  step each, their log-perplexity falls, LoRA B moved, one prediction per prompt.
+- ``fp16_online``: chunk 0 holds known prompts (nothing selected: every update skipped, never reaching the
+  GradScaler), chunk 1 unknown ones (real fp16 steps: steps + overflows = selected, at least one step); the learned
+  prompts' log-perplexity falls and LoRA B moved.
+- ``deepspeed_zero2`` / ``deepspeed_zero3``: offline bf16 with a DeepSpeed config that has its own optimizer and
+  scheduler (``auto``): the scores equal ``bf16_offline``'s, the same rows selected and stepped, the log-perplexity
+  falls at least half as much as without DeepSpeed (a learning rate of about 0 would not).
+- ``fsdp2``: offline bf16 through ``accelerate launch`` with LLaMA-Factory's own FSDP2 settings
+  (``fsdp_cpu_ram_efficient_loading: true`` included): the same checks as DeepSpeed's.
+- ``per_prompt_sift``: SIFT per prompt (budget 4): every prompt once, 4 steps each, its log-perplexity falls on
+  average, the saved adapter is the restored starting one.
+- ``per_prompt_ttsi``: TT-SI with the model itself (margin gate): at least one prompt trained, every trained one on
+  a usable example of its own, the loss on that example falls.
+- ``per_prompt_ttd_endpoint``: TT-D from an OpenAI-compatible endpoint (a stub teacher in this script): every
+  prompt learns the example and its loss falls.
+- ``per_prompt_fewshot``: few-shot TTT: one adapter per task, reused, the demonstrations' loss falls.
+- ``resume_after_kill``: an online run killed with SIGKILL mid-stream and rerun: every answer once, in order, and
+  the records equal an uninterrupted run's selection.
+- then ``bench/bench_tlm.py --gpu`` on the ~1B model: adaptation time of stage tlm vs plain LoRA, target <= 1.10x;
+  the script exits non-zero if it misses.
+
+``--cpu`` runs the same cases in fp32 on the CPU (no FSDP, no fp16, no bench), to check the script and the bundle.
 """
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-import venv
+import zipfile
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parents[1]
-VENV = REPO / ".venv-gpu"
-CPU = {"on": False}  # --cpu: the same cases in fp32 on the CPU (no FSDP, no fp16), to check this script itself
-EVALS = "evals==3.0.1.post1"
-NEEDED = ("llamafactory", "tlm_plugin", "deepspeed", "gguf")
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BUNDLE_LIMIT = 64 * 2**20
+FORMAT = 1
+CPU = {"on": False}
+LANES = {"jobs": 1}
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the bundle holds. core: the node's copy is used when inside the bounds, else the bundle's (installed with the
+# packages it needs itself). needed: installed unless the node has a version inside the bounds. Bounds: this
+# project's and LLaMA-Factory 0.9.5's (which caps transformers at 5.6.0, accelerate at 1.11.0, peft at 0.18.1).
+
+CORE = {  # name: bounds of the node's copy, the bundle's version
+    "transformers": (">=4.55,!=4.57.0,<=5.6.0", "5.6.0"),
+    "accelerate": (">=1.3,<=1.11.0", "1.11.0"),
+    "peft": (">=0.18,<=0.18.1", "0.18.1"),
+}
+CORE_COMPANIONS = ("tokenizers", "huggingface-hub")  # with the bundle's transformers, where the node's do not fit
+NEEDED = {  # what `llamafactory-cli train` with stage tlm imports beyond the six: name -> bounds of a node's copy
+    "llamafactory": "==0.9.5",
+    "datasets": ">=3.0,<=4.0.0",
+    "trl": ">=0.18,<=0.24.0",
+    "pyarrow": ">=15.0",
+    "pandas": ">=2.0",
+    "python-dateutil": "",
+    "pytz": "",
+    "tzdata": "",
+    "dill": ">=0.3.0,<0.3.9",
+    "multiprocess": "<0.70.17",
+    "xxhash": "",
+    "fsspec": ">=2023.1.0,<=2025.3.0",
+    "requests": ">=2.32",
+    "urllib3": "",
+    "idna": "",
+    "certifi": "",
+    "charset-normalizer": "",
+    "omegaconf": ">=2.0",
+    "antlr4-python3-runtime": "",
+    "pyyaml": ">=5.1",
+    "pydantic": ">=2.0",
+    "pydantic-core": "",
+    "annotated-types": "",
+    "typing-extensions": ">=4.12",
+    "typing-inspection": "",
+    "hjson": "",
+    "py-cpuinfo": "",
+    "msgpack": "",
+    "nvidia-ml-py": "",
+    "einops": "",
+    "ninja": "",
+    "packaging": ">=20.0",
+    "psutil": "",
+    "tqdm": ">=4.66",
+    "filelock": "",
+    "regex": "",
+}
+# The versions come from one resolution for the node's Python and platform, under these pins: LLaMA-Factory 0.9.5's
+# caps, and a pyarrow small enough for the bundle (datasets needs >= 15).
+RESOLVE_PINS = ["llamafactory==0.9.5", "datasets==4.0.0", "trl==0.24.0", "pyarrow>=15,<17"]
+TORCHAUDIO = "2.11.0"  # only for a node whose torch >= 2.11 has none (LLaMA-Factory imports torchaudio)
+DEEPSPEED = "0.19.8"  # an sdist, built on the node without ops (ZeRO with torch's AdamW needs none)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+DEMO_ROWS = 96
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Set-up
+# --prepare
 
 
-def has_packages(python: str) -> bool:
-    code = "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))"
-    return subprocess.run([python, "-c", code, *NEEDED], check=False).returncode == 0
+def pip_download(specs: list[str], dest: Path, python_version: str, platforms: list[str], binary: bool) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "-d",
+        str(dest),
+    ]
+    if binary:
+        cmd += ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp"]
+        for platform in platforms:
+            cmd += ["--platform", platform]
+    else:
+        cmd += ["--no-binary=:all:"]
+    subprocess.run(cmd + specs, check=True)
 
 
-def ensure_environment(argv: list[str]) -> None:
-    """Re-run this script in a venv that has everything, creating it on first use."""
-    if has_packages(sys.executable):
-        return
-    python = str(VENV / "bin" / "python")
-    if not Path(python).exists():
-        print(f"creating {VENV} ...", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    if not has_packages(python):
-        print("installing llamafactory-tlm, LLaMA-Factory, DeepSpeed (several minutes) ...", flush=True)
-        pip = [python, "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "--upgrade", "pip"], check=True)
-        subprocess.run([*pip, "-e", f"{REPO}[dev,demo,offline]", "deepspeed"], check=True)
-        subprocess.run([*pip, "--no-deps", EVALS], check=True)
-    os.execv(python, [python, __file__, *argv])
+def resolve(python_version: str, platforms: list[str]) -> dict[str, str]:
+    """{name: version} of one pip resolution of LLaMA-Factory, this project's core pins and DeepSpeed's needs, for
+    the node's Python and platform (metadata only: nothing is installed)."""
+    core = [f"{name}=={version}" for name, (_spec, version) in CORE.items()]
+    needs = [n for n in NEEDED if n not in {p.split("=")[0].split(">")[0].split("<")[0] for p in RESOLVE_PINS}]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--dry-run",
+            "--ignore-installed",
+            "--target",
+            str(Path(tmp) / "t"),
+            "--report",
+            str(report),
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+        ]
+        for platform in platforms:
+            cmd += ["--platform", platform]
+        subprocess.run(cmd + RESOLVE_PINS + core + needs, check=True)
+        data = json.loads(report.read_text(encoding="utf-8"))
+    return {
+        item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in data["install"]
+    }
+
+
+def stored_copy(wheel: Path, dest: Path) -> None:
+    """The same wheel with its members stored uncompressed (contents and RECORD unchanged), so that the xz stream
+    of the bundle compresses the files themselves (deflated members do not compress further)."""
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as out:
+        for info in src.infolist():
+            copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            copy.external_attr, copy.compress_type = info.external_attr, zipfile.ZIP_STORED
+            out.writestr(copy, src.read(info))
+
+
+def prepare(dest: Path, python_version: str, platforms: list[str]) -> int:
+    """Write the bundle to ``dest``: ``manifest.json`` and ``payload.tar.xz``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tlm-bundle-") as tmp:
+        work = Path(tmp)
+        downloads, payload = work / "downloads", work / "payload"
+        (payload / "wheels").mkdir(parents=True)
+        print(f"downloading wheels for CPython {python_version} on {', '.join(platforms)} ...", flush=True)
+        versions = resolve(python_version, platforms)
+        names = [*CORE, *CORE_COMPANIONS, *NEEDED]
+        missing = [n for n in names if n not in versions]
+        if missing:
+            raise SystemExit(f"FAIL  prepare: the resolution holds no {', '.join(missing)}")
+        specs = [f"{n}=={versions[n]}" for n in names] + [f"torchaudio=={TORCHAUDIO}"]
+        pip_download(specs, downloads, python_version, platforms, binary=True)
+        pip_download([f"deepspeed=={DEEPSPEED}"], downloads, python_version, platforms, binary=False)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                str(REPO),
+                "-w",
+                str(downloads),
+            ],
+            check=True,
+        )
+        entries = []
+        for path in sorted(downloads.iterdir()):
+            name = _dist_name(path)
+            role = {"llamafactory-tlm": "project", "deepspeed": "sdist", "torchaudio": "torchaudio"}.get(name)
+            role = role or ("core" if name in CORE or name in CORE_COMPANIONS else "needed")
+            spec = CORE[name][0] if name in CORE else NEEDED.get(name, "")
+            entries.append(
+                {
+                    "name": name,
+                    "file": path.name,
+                    "sha256": sha256(path),
+                    "role": role,
+                    "node_spec": spec,
+                    "version": _dist_version(path),
+                }
+            )
+            if path.suffix == ".whl":
+                stored_copy(path, payload / "wheels" / path.name)
+            else:
+                shutil.copy2(path, payload / "wheels" / path.name)
+        print("demo tokenizer and prompts ...", flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        assets = [sys.executable, "-m", "tlm_plugin.assets"]
+        model = subprocess.run([*assets, "model"], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+        model_dir = Path(model.stdout.strip().splitlines()[-1])
+        (payload / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, payload / "tokenizer" / name)
+        subprocess.run(
+            [*assets, "data", "--out", str(payload / "data"), "--n", str(DEMO_ROWS)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        shutil.copy2(HERE / "gpu_check.py", payload / "gpu_check.py")
+        shutil.copy2(HERE / "bench_tlm.py", payload / "bench_tlm.py")
+        shutil.copytree(REPO / "recipes" / "deepspeed", payload / "deepspeed")
+        print("compressing (xz) ...", flush=True)
+        archive = dest / "payload.tar.xz"
+        with tarfile.open(archive, "w:xz", preset=6) as tar:
+            for item in sorted(payload.iterdir()):
+                tar.add(item, arcname=item.name)
+    shutil.copy2(HERE / "gpu_check.py", dest / "gpu_check.py")
+    manifest = {
+        "format": FORMAT,
+        "python": python_version,
+        "platforms": platforms,
+        "packages": entries,
+        "payload": {"file": archive.name, "sha256": sha256(archive), "bytes": archive.stat().st_size},
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    total = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
+    print(f"bundle {dest}: {total / 2**20:.1f} MiB ({len(entries)} packages; limit {BUNDLE_LIMIT / 2**20:.0f} MiB)")
+    if total > BUNDLE_LIMIT:
+        print(f"FAIL  the bundle is {total / 2**20:.1f} MiB, over {BUNDLE_LIMIT / 2**20:.0f} MiB", flush=True)
+        return 1
+    return 0
+
+
+def _dist_name(path: Path) -> str:
+    base = path.name[: -len(".tar.gz")] if path.name.endswith(".tar.gz") else path.stem
+    return base.split("-")[0].lower().replace("_", "-")
+
+
+def _dist_version(path: Path) -> str:
+    base = path.name[: -len(".tar.gz")] if path.name.endswith(".tar.gz") else path.stem
+    return base.split("-")[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --bundle: install
+
+
+def _specifier(spec: str):
+    try:
+        from packaging.specifiers import SpecifierSet
+    except ImportError:  # pip vendors it
+        from pip._vendor.packaging.specifiers import SpecifierSet
+    return SpecifierSet(spec)
+
+
+def node_version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def inside(version: str | None, spec: str) -> bool:
+    if version is None:
+        return False
+    return not spec or _specifier(spec).contains(version.split("+")[0], prereleases=True)
+
+
+def _requirement_of(wheel: Path, name: str) -> str:
+    """The version bounds ``wheel``'s METADATA puts on ``name`` (unconditional requirements only)."""
+    import re
+
+    with zipfile.ZipFile(wheel) as z:
+        metadata = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        for line in z.read(metadata).decode().splitlines():
+            if line.startswith("Requires-Dist:") and ";" not in line:
+                match = re.match(r"Requires-Dist:\s*([A-Za-z0-9_.\-]+)\s*\(?([^)]*)\)?", line)
+                if match and match.group(1).lower().replace("_", "-") == name:
+                    return match.group(2).strip()
+    return ""
+
+
+def choose(manifest: dict, wheels: Path) -> tuple[list[dict], list[str]]:
+    """The bundle entries to install on this node, and one line per decision."""
+    by_name = {e["name"]: e for e in manifest["packages"]}
+    install, lines = [], []
+    for name, (spec, _version) in CORE.items():
+        have = node_version(name)
+        if inside(have, spec):
+            lines.append(f"{name:<16} node's {have} (inside {spec})")
+            continue
+        install.append(by_name[name])
+        lines.append(f"{name:<16} bundle's {by_name[name]['version']} (node: {have or 'none'}; bounds {spec})")
+        if name == "transformers":
+            for companion in CORE_COMPANIONS:
+                needs = _requirement_of(wheels / by_name[name]["file"], companion)
+                have = node_version(companion)
+                if not inside(have, needs):
+                    install.append(by_name[companion])
+                    lines.append(f"{companion:<16} bundle's {by_name[companion]['version']} (node: {have or 'none'})")
+    used = []
+    for entry in manifest["packages"]:
+        if entry["role"] == "needed":
+            if inside(node_version(entry["name"]), entry["node_spec"]):
+                used.append(entry["name"])
+            else:
+                install.append(entry)
+        elif entry["role"] == "project":
+            install.append(entry)
+    from_bundle = [e["name"] for e in install if e["role"] == "needed"]
+    lines.append(f"{'others':<16} bundle's {', '.join(from_bundle) or '-'}; node's {', '.join(used) or '-'}")
+    torch_version = node_version("torch") or "0"
+    if node_version("torchaudio") is None:
+        if not inside(torch_version, ">=2.11"):
+            raise SystemExit(
+                f"FAIL  setup: LLaMA-Factory imports torchaudio, which this node's torch {torch_version} lacks; "
+                "bring the torchaudio wheel of the same torch release and install it first"
+            )
+        install.append(by_name["torchaudio"])
+        lines.append(f"{'torchaudio':<16} bundle's {by_name['torchaudio']['version']} (node: none)")
+    return install, lines
+
+
+def install(bundle: Path, target: Path, unpacked: Path) -> list[str]:
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise SystemExit(
+            f"FAIL  setup: {bundle} is a bundle of format {manifest.get('format')}, this script reads {FORMAT}"
+        )
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest["python"] != here:
+        raise SystemExit(
+            f"FAIL  setup: the bundle holds wheels for Python {manifest['python']}, this is Python {here}: prepare it "
+            f"again with --python-version {here}"
+        )
+    archive = bundle / manifest["payload"]["file"]
+    if sha256(archive) != manifest["payload"]["sha256"]:
+        raise SystemExit(f"FAIL  setup: {archive} does not match its checksum in the manifest (copied partly?)")
+    if not (unpacked / "wheels").is_dir():
+        with tarfile.open(archive, "r:xz") as tar:
+            tar.extractall(unpacked, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(unpacked)
+    chosen, lines = choose(manifest, unpacked / "wheels")
+    target.mkdir(parents=True, exist_ok=True)
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--target",
+        str(target),
+        "--upgrade",
+    ]
+    wheels = [str(unpacked / "wheels" / e["file"]) for e in chosen]
+    subprocess.run(pip + wheels, check=True)
+    if not inside(node_version("deepspeed"), ">=0.16"):
+        sdist = next(e for e in manifest["packages"] if e["role"] == "sdist")
+        env = {**os.environ, "DS_BUILD_OPS": "0", "PYTHONPATH": _pythonpath(target)}
+        subprocess.run(pip + ["--no-build-isolation", str(unpacked / "wheels" / sdist["file"])], check=True, env=env)
+        lines.append(f"{'deepspeed':<16} bundle's {sdist['version']}, built without ops")
+    else:
+        lines.append(f"{'deepspeed':<16} node's {node_version('deepspeed')}")
+    boot = target / "_tlm_boot"
+    boot.mkdir(exist_ok=True)
+    # The plugin starts through a .pth file, which Python reads in site directories only: make the target one.
+    (boot / "sitecustomize.py").write_text(
+        "import os, site, sys\n"
+        "for d in os.environ.get('TLM_SITE_DIRS', '').split(os.pathsep):\n"
+        "    if d:\n"
+        "        site.addsitedir(d)\n"
+        "        sys.path.remove(d); sys.path.insert(0, d)\n",
+        encoding="utf-8",
+    )
+    return lines
+
+
+def _pythonpath(target: Path) -> str:
+    return os.pathsep.join([str(target), str(target / "_tlm_boot"), os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Runs
 
 
+class Env:
+    target: Path | None = None
+
+
 def env_for(extra: dict[str, str] | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
-    env.update({"LLAMAFACTORY_VERBOSITY": "WARN", "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": "0"})
+    env.update({"LLAMAFACTORY_VERBOSITY": "WARN", "DISABLE_VERSION_CHECK": "1", "HF_DATASETS_OFFLINE": "1"})
+    env.update(
+        {"TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    )
+    env.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    if Env.target is not None:
+        env["PYTHONPATH"] = _pythonpath(Env.target)
+        env["TLM_SITE_DIRS"] = str(Env.target)
     if CPU["on"]:
         env.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"})
-    for key in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "LLAMAFACTORY_TLM_DISABLE"):
+    for key in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "LLAMAFACTORY_TLM_DISABLE", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra or {})
     return env
 
 
-def base_recipe(model: str, data: str, out: Path, **overrides) -> dict:
+CLI = [sys.executable, "-m", "llamafactory.cli"]
+
+
+def base_recipe(ctx, data: Path, dataset: str, out: Path, **overrides) -> dict:
     recipe = {
-        "model_name_or_path": model,
+        "model_name_or_path": str(ctx.model),
         "stage": "tlm",
         "do_train": True,
         "finetuning_type": "lora",
         "lora_rank": 8,
         "lora_alpha": 16,
-        "lora_target": "q_proj,v_proj",
-        "dataset": "tlm_demo",
-        "dataset_dir": data,
+        "lora_target": "all",
+        "dataset": dataset,
+        "dataset_dir": str(data),
         "template": "smollm2",
         "cutoff_len": 1024,
         "output_dir": str(out),
         "overwrite_output_dir": True,
         "per_device_train_batch_size": 1,
-        "learning_rate": 1.0e-4,
+        "learning_rate": 2.0e-3,
         "num_train_epochs": 1.0,
-        "lr_scheduler_type": "cosine",
-        "warmup_ratio": 0.1,
+        "lr_scheduler_type": "constant",
         "bf16": True,
-        "logging_steps": 5,
+        "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
         "seed": 42,
         "do_predict": True,
         "per_device_eval_batch_size": 8,
         "do_sample": False,
-        "max_new_tokens": 32,
+        "max_new_tokens": 16,
+        "dataloader_num_workers": 0,
+        "tlm_log_p0": ctx.log_p0,
+        "ddp_timeout": 3600,
     }
     recipe.update(overrides)
     if CPU["on"]:
@@ -122,22 +517,21 @@ def base_recipe(model: str, data: str, out: Path, **overrides) -> dict:
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:
-    import yaml
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    path.write_text(json.dumps(recipe, indent=1), encoding="utf-8")  # JSON is YAML: no yaml needed here
     return path
 
 
 def launch(recipe: dict, work: Path, name: str, env: dict | None = None, command: list[str] | None = None):
-    """Run ``llamafactory-cli train`` (or ``command`` + the recipe path); returns (exit code, log path)."""
     path = write_recipe(work / f"{name}.yaml", recipe)
     log = work / f"{name}.log"
-    cmd = (command or [shutil.which("llamafactory-cli", path=env_for()["PATH"]) or "llamafactory-cli", "train"]) + [
-        str(path)
-    ]
+    cmd = (command or [*CLI, "train"]) + [str(path)]
     with log.open("w", encoding="utf-8") as out:
-        code = subprocess.run(cmd, env=env_for(env), stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        # cwd: the case's own folder (``python -m`` puts the cwd first on sys.path, where any folder named like a
+        # package, e.g. Ray's /tmp/ray, would shadow it)
+        code = subprocess.run(
+            cmd, env=env_for(env), stdout=out, stderr=subprocess.STDOUT, check=False, cwd=work
+        ).returncode
     return code, log
 
 
@@ -149,7 +543,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def tail(log: Path, lines: int = 6) -> str:
+def tail(log: Path, lines: int = 8) -> str:
     text = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
     return " | ".join(line.strip() for line in text[-lines:])
 
@@ -177,58 +571,251 @@ def lora_b_norm(out: Path) -> float:
     )
 
 
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / max(len(values), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The models and data, built on the node
+
+
+GIBBERISH_SEED = 7
+
+
+def gibberish_rows(n: int) -> list[dict]:
+    """Prompts of made-up words: text the taught model has never seen (its log-perplexity stays high)."""
+    rng = random.Random(GIBBERISH_SEED)
+    letters = "bcdfghjklmnpqrstvwxz"
+    vowels = "aeiouy"
+
+    def word() -> str:
+        return "".join(rng.choice(letters) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) + rng.choice(
+            letters
+        )
+
+    return [
+        {"instruction": " ".join(word() for _ in range(rng.randint(8, 16))) + "?", "input": "", "output": word()}
+        for _ in range(n)
+    ]
+
+
+TTSI_REPLY = "### Example 1\nInput: Name a primary colour.\nOutput: Red.\n"
+
+
+def build_models(ctx) -> None:
+    """The tiny Llama with the demo tokenizer, taught (a) the demo prompts as stage tlm encodes them and (b) to
+    answer TT-SI's example-writing prompt with one well-formed example; and P0 between the taught prompts'
+    log-perplexity and the made-up ones'. Plus the random ~1B model of the timing (GPU only)."""
+    import torch
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tlm_plugin.selectors.generate import DEFAULT_PROMPT
+    from tlm_plugin.train.data import Encoder
+
+    device = torch.device("cpu" if CPU["on"] else "cuda")
+    tokenizer = AutoTokenizer.from_pretrained(ctx.tokenizer)
+    data_args = DataArguments(template="smollm2", cutoff_len=1024)
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    encoder = Encoder(template, tokenizer, data_args)
+    demo = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))
+    known = [encoder.prompt_ids([{"role": "user", "content": _content(r)}]) for r in demo]
+    unknown = [encoder.prompt_ids([{"role": "user", "content": _content(r)}]) for r in gibberish_rows(16)]
+    reply = tokenizer.encode(TTSI_REPLY, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    example_prompts = [
+        encoder.prompt_ids(
+            [{"role": "user", "content": DEFAULT_PROMPT.replace("{prompt}", _content(r)).replace("{k}", "1")}]
+        )
+        + reply
+        for r in demo
+    ]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sequences = known + example_prompts
+    batch = 8
+    steps = 60 if CPU["on"] else 400
+    model.train()
+    for step in range(steps):
+        rows = [sequences[(step * batch + i) % len(sequences)] for i in range(batch)]
+        loss = _lm_loss(model, rows, tokenizer.pad_token_id, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        k = [float(_lm_loss(model, [r], tokenizer.pad_token_id, device)) for r in known]
+        u = [float(_lm_loss(model, [r], tokenizer.pad_token_id, device)) for r in unknown]
+    expect(max(k) < min(u), f"taught prompts {max(k):.2f} vs made-up {min(u):.2f}: not separated")
+    ctx.log_p0 = round((max(k) + min(u)) / 2, 3)
+    ctx.separation = (max(k), min(u))
+    model.save_pretrained(ctx.model)
+    tokenizer.save_pretrained(ctx.model)
+    if not CPU["on"]:
+        big = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            torch_dtype="bfloat16",
+        )
+        with torch.device("cuda"):
+            LlamaForCausalLM(big).to(torch.bfloat16).save_pretrained(ctx.big_model)
+        tokenizer.save_pretrained(ctx.big_model)
+
+
+def _content(row: dict) -> str:
+    return "\n".join(part for part in (row.get("instruction"), row.get("input")) if part)
+
+
+def _lm_loss(model, rows: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, device=device)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss.float()
+
+
+def write_data(ctx) -> None:
+    """Datasets of the cases: known (demo) and made-up prompts, mixed, and as a two-chunk stream."""
+    demo = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))
+    made_up = gibberish_rows(16)
+    folder = ctx.work / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    sets = {
+        "mixed": [row for pair in zip(demo[:12], made_up[:12]) for row in pair],  # 24 rows, every other made up
+        "stream": demo[:8] + made_up[:8],  # chunk 0 known, chunk 1 made up
+        "known": demo[:12],
+    }
+    info = {}
+    for name, rows in sets.items():
+        (folder / f"{name}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        info[name] = {"file_name": f"{name}.json"}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    ctx.sets = folder
+    ctx.made_up = {_content(r) for r in made_up}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cases
 
 
-def case_bf16_offline(ctx) -> str:
-    out = run_ok(base_recipe(ctx.model, ctx.data, ctx.work / "bf16"), ctx.work, "bf16_offline")
+def offline_checks(ctx, out: Path, reference: dict | None = None) -> str:
     s = read_json(out / "tlm_summary.json")
-    ctx.bf16_scores = [r["log_ppl"] for r in read_jsonl(out / "tlm_scores.jsonl")]
-    expect(s["optimizer_steps"] == s["n_selected"] > 0, f"steps {s['optimizer_steps']} vs selected {s['n_selected']}")
-    expect(s["mean_log_ppl_after_selected"] < s["mean_log_ppl_before_selected"], "log-perplexity did not fall")
-    expect(len(read_jsonl(out / "generated_predictions.jsonl")) == s["n_prompts"], "prediction count")
-    return f"{s['n_selected']}/{s['n_prompts']} selected, log-ppl {s['mean_log_ppl_before']:.3f} -> {s['mean_log_ppl_after']:.3f}"
+    rows = read_jsonl(out / "tlm_scores.jsonl")
+    n = len(rows)
+    expect(
+        [bool(r["selected"]) for r in rows] == [i % 2 == 1 for i in range(n)], "selected rows are not the made-up ones"
+    )
+    expect(
+        s["optimizer_steps"] == s["n_selected"] == n // 2,
+        f"steps {s['optimizer_steps']} vs selected {s['n_selected']}",
+    )
+    drop = s["mean_log_ppl_before_selected"] - s["mean_log_ppl_after_selected"]
+    expect(drop > 0.1, f"log-perplexity of the learned prompts fell by {drop:.3f} only")
+    expect(lora_b_norm(out) > 0, "LoRA B did not move")
+    expect(len(read_jsonl(out / "generated_predictions.jsonl")) == n, "prediction count")
+    if reference is not None:
+        worst = max(abs(a - b) for a, b in zip([r["log_ppl"] for r in rows], reference["scores"]))
+        expect(worst < 2e-2, f"scores differ from bf16_offline by up to {worst:.4f}")
+        expect(drop > 0.5 * reference["drop"], f"log-ppl fell by {drop:.3f}, bf16_offline by {reference['drop']:.3f}")
+    return f"{s['n_selected']}/{n} selected (the made-up ones), log-ppl of those {s['mean_log_ppl_before_selected']:.2f} -> {s['mean_log_ppl_after_selected']:.2f}"
 
 
-def case_fp16_online_no_selection(ctx) -> str:
+def case_bf16_offline(ctx) -> str:
+    out = run_ok(base_recipe(ctx, ctx.sets, "mixed", ctx.work / "bf16"), ctx.work, "bf16_offline")
+    detail = offline_checks(ctx, out)
+    s = read_json(out / "tlm_summary.json")
+    ctx.reference = {
+        "scores": [r["log_ppl"] for r in read_jsonl(out / "tlm_scores.jsonl")],
+        "drop": s["mean_log_ppl_before_selected"] - s["mean_log_ppl_after_selected"],
+    }
+    ctx.reference_ready.set()
+    return detail
+
+
+def case_fp16_online(ctx) -> str:
     recipe = base_recipe(
-        ctx.model,
-        ctx.data,
-        ctx.work / "fp16",
-        bf16=False,
-        fp16=not CPU["on"],
-        tlm_mode="online",
-        tlm_chunk_size=6,
-        tlm_log_p0=50.0,
-        lr_scheduler_type="constant",
-        warmup_ratio=0.0,
+        ctx, ctx.sets, "stream", ctx.work / "fp16", bf16=False, fp16=not CPU["on"], tlm_mode="online", tlm_chunk_size=8
     )
     out = run_ok(recipe, ctx.work, "fp16_online")
     s = read_json(out / "tlm_summary.json")
+    rows = read_jsonl(out / "tlm_scores.jsonl")
+    expect(not any(r["selected"] for r in rows[:8]), "a known prompt of chunk 0 was selected")
+    expect(all(r["selected"] for r in rows[8:]), "a made-up prompt of chunk 1 was not selected")
+    expect(s["skipped_steps"] == 8, f"{s['skipped_steps']} skipped updates, expected the 8 of chunk 0")
     expect(
-        s["n_selected"] == 0 and s["optimizer_steps"] == 0, f"selected {s['n_selected']}, steps {s['optimizer_steps']}"
+        s["optimizer_steps"] + s["overflow_steps"] == 8 and s["optimizer_steps"] > 0,
+        f"chunk 1: {s['optimizer_steps']} steps, {s['overflow_steps']} overflows for 8 selected",
     )
-    expect(s["skipped_steps"] == s["n_prompts"], f"skipped {s['skipped_steps']} of {s['n_prompts']} updates")
-    expect(lora_b_norm(out) == 0.0, "the adapter moved although nothing was selected")
-    return f"{s['skipped_steps']} updates skipped, adapter unchanged"
+    before, after = mean(r["log_ppl"] for r in rows[8:]), mean(r["log_ppl_after"] for r in rows[8:])
+    expect(after < before - 0.1, f"learned prompts' log-ppl {before:.2f} -> {after:.2f}")
+    expect(lora_b_norm(out) > 0, "LoRA B did not move")
+    expect(len(read_jsonl(out / "generated_predictions.jsonl")) == 16, "prediction count")
+    precision = "fp16" if not CPU["on"] else "fp32"
+    return (
+        f"{precision}: chunk 0 skipped 8/8, chunk 1 {s['optimizer_steps']} steps + {s['overflow_steps']} "
+        f"overflows, log-ppl {before:.2f} -> {after:.2f}"
+    )
+
+
+DS_SECTIONS = {
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
+    },
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": "auto",
+            "warmup_max_lr": "auto",
+            "warmup_num_steps": "auto",
+            "total_num_steps": "auto",
+            "warmup_type": "linear",
+        },
+    },
+}
 
 
 def _deepspeed(ctx, stage: int) -> str:
+    config = read_json(ctx.repo_files / "deepspeed" / f"ds_z{stage}.json")
+    config.update(DS_SECTIONS)
+    path = ctx.work / f"ds_z{stage}.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
     recipe = base_recipe(
-        ctx.model,
-        ctx.data,
-        ctx.work / f"z{stage}",
-        deepspeed=str(REPO / "recipes" / "deepspeed" / f"ds_z{stage}.json"),
+        ctx, ctx.sets, "mixed", ctx.work / f"z{stage}", deepspeed=str(path), lr_scheduler_type="linear", warmup_steps=1
     )
     out = run_ok(recipe, ctx.work, f"deepspeed_z{stage}", env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
-    s = read_json(out / "tlm_summary.json")
-    scores = [r["log_ppl"] for r in read_jsonl(out / "tlm_scores.jsonl")]
-    if ctx.bf16_scores:
-        worst = max(abs(a - b) for a, b in zip(scores, ctx.bf16_scores))
-        expect(worst < 2e-2, f"scores differ from bf16_offline by up to {worst:.4f}")
-    expect(s["optimizer_steps"] == s["n_selected"] > 0, f"steps {s['optimizer_steps']} vs selected {s['n_selected']}")
-    return f"ZeRO-{stage}: {s['optimizer_steps']} steps, log-ppl after {s['mean_log_ppl_after']:.3f}"
+    ctx.reference_ready.wait()
+    return f"ZeRO-{stage}: " + offline_checks(ctx, out, ctx.reference)
 
 
 def case_deepspeed_zero2(ctx) -> str:
@@ -239,85 +826,112 @@ def case_deepspeed_zero3(ctx) -> str:
     return _deepspeed(ctx, 3)
 
 
-def case_fsdp(ctx) -> str:
-    import llamafactory.launcher as launcher
+FSDP2_CONFIG = {  # LLaMA-Factory 0.9.5's examples/accelerate/fsdp2_config.yaml settings, on one process
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "FSDP",
+    "downcast_bf16": "no",
+    "fsdp_config": {
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_offload_params": False,
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "FULL_STATE_DICT",
+        "fsdp_version": 2,
+    },
+    "machine_rank": 0,
+    "main_training_function": "main",
+    "mixed_precision": "bf16",
+    "num_machines": 1,
+    "num_processes": 1,
+    "rdzv_backend": "static",
+    "same_network": True,
+    "use_cpu": False,
+}
 
-    config = ctx.work / "fsdp.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n"
-        "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer\n"
-        "  fsdp_reshard_after_forward: true\n  fsdp_state_dict_type: FULL_STATE_DICT\n  fsdp_cpu_ram_efficient_loading: false\n"
-        "machine_rank: 0\nmain_training_function: main\nmixed_precision: bf16\nnum_machines: 1\nnum_processes: 1\n"
-        "rdzv_backend: static\nsame_network: true\nuse_cpu: false\n",
-        encoding="utf-8",
-    )
-    accelerate = shutil.which("accelerate", path=env_for()["PATH"]) or "accelerate"
-    out = run_ok(
-        base_recipe(ctx.model, ctx.data, ctx.work / "fsdp"),
-        ctx.work,
-        "fsdp",
-        command=[accelerate, "launch", "--config_file", str(config), launcher.__file__],
-    )
-    s = read_json(out / "tlm_summary.json")
-    expect(s["optimizer_steps"] == s["n_selected"] > 0, f"steps {s['optimizer_steps']} vs selected {s['n_selected']}")
-    return f"FSDP2: {s['optimizer_steps']} steps, log-ppl after {s['mean_log_ppl_after']:.3f}"
+
+def case_fsdp2(ctx) -> str:
+    import importlib.util
+
+    config = ctx.work / "fsdp2.yaml"
+    config.write_text(json.dumps(FSDP2_CONFIG, indent=1), encoding="utf-8")
+    launcher = importlib.util.find_spec("llamafactory.launcher").origin
+    port = str(29600 + os.getpid() % 300)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        port,
+        launcher,
+    ]
+    out = run_ok(base_recipe(ctx, ctx.sets, "mixed", ctx.work / "fsdp2"), ctx.work, "fsdp2", command=command)
+    ctx.reference_ready.wait()
+    return "FSDP2 (cpu_ram_efficient_loading): " + offline_checks(ctx, out, ctx.reference)
 
 
 def case_per_prompt_sift(ctx) -> str:
     recipe = base_recipe(
-        ctx.model,
-        ctx.data,
+        ctx,
+        ctx.sets,
+        "mixed",
         ctx.work / "sift",
         tlm_selector="sift",
         tlm_reset="prompt",
         tlm_sift_budget=4,
-        lr_scheduler_type="constant",
-        warmup_ratio=0.0,
+        tlm_log_p0=None,
+        max_samples=12,
     )
     out = run_ok(recipe, ctx.work, "per_prompt_sift")
     s = read_json(out / "tlm_summary.json")
     lines = read_jsonl(out / "tlm_sift_selection.jsonl")
     expect([x["index"] for x in lines] == list(range(s["n_prompts"])), "each prompt once, in order")
-    expect(s["optimizer_steps"] == 4 * s["n_prompts"], f"{s['optimizer_steps']} steps for {s['n_prompts']} prompts")
+    expect(all(x["steps"] + x.get("overflow_steps", 0) == 4 for x in lines), "4 steps per prompt")
+    expect(s["mean_log_ppl_after"] < s["mean_log_ppl_before"], "per-prompt learning did not lower log-ppl")
     expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
-    return f"{s['n_prompts']} prompts, log-ppl {s['mean_log_ppl_before']:.3f} -> {s['mean_log_ppl_after']:.3f}"
+    return f"{s['n_prompts']} prompts, 4 steps each, log-ppl {s['mean_log_ppl_before']:.2f} -> {s['mean_log_ppl_after']:.2f}"
 
 
 def case_per_prompt_ttsi(ctx) -> str:
     recipe = base_recipe(
-        ctx.model,
-        ctx.data,
+        ctx,
+        ctx.sets,
+        "known",
         ctx.work / "ttsi",
         tlm_reset="prompt",
         tlm_selector="generate",
         tlm_generator="self",
         tlm_gate="margin",
-        tlm_gate_tau=0.95,
+        tlm_gate_tau=0.99,
         tlm_generate_k=1,
-        tlm_generate_max_tokens=160,
+        tlm_generate_max_tokens=48,
+        tlm_generate_temperature=0.3,
         tlm_prompt_epochs=2,
-        lora_target="all",
-        max_samples=6 if CPU["on"] else 12,  # keeps the whole check within minutes (a CPU writes an example a minute)
+        tlm_log_p0=None,
+        max_samples=8,
     )
     out = run_ok(recipe, ctx.work, "per_prompt_ttsi")
     s = read_json(out / "tlm_summary.json")
     lines = read_jsonl(out / "tlm_generated.jsonl")
     expect([x["index"] for x in lines] == list(range(s["n_prompts"])), "each prompt once, in order")
-    expect(all("gate_score" in x and "status" in x for x in lines), "a record without its gate score or status")
     counts = s["per_prompt"]
     expect(counts.get("n_generator_failed", 0) == 0, f"{counts.get('n_generator_failed')} generator failures")
     trained = [x for x in lines if x["steps"] > 0]
-    expect(all(x["status"] == "ok" for x in trained), "a prompt trained without a usable example")
-    expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
-    return (
-        f"{counts['n_flagged']}/{s['n_prompts']} flagged, {len(trained)} trained on their own example "
-        f"(examples: {counts.get('generated_examples')})"
+    expect(
+        len(trained) > 0,
+        f"no prompt trained (flagged {counts['n_flagged']}, examples {counts.get('generated_examples')})",
     )
+    expect(all(x["status"] == "ok" for x in trained), "a prompt trained without a usable example")
+    expect(
+        all(x["data_loss_after"] < x["data_loss_before"] for x in trained), "the loss on an own example did not fall"
+    )
+    expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
+    return f"{counts['n_flagged']}/{s['n_prompts']} flagged, {len(trained)} trained on their own example"
 
 
 class StubEndpoint:
-    """An OpenAI-compatible endpoint on 127.0.0.1 that answers every request with one well-formed example, so that
-    the TT-D path (endpoint -> parse -> train -> answer -> restore) runs whatever the demo model would write."""
+    """An OpenAI-compatible endpoint on 127.0.0.1 that answers every request with one well-formed example."""
 
     REPLY = "### Example 1\nInput: Write the word river backwards.\nOutput: revir\n"
 
@@ -361,8 +975,9 @@ class StubEndpoint:
 def case_per_prompt_ttd_endpoint(ctx) -> str:
     with StubEndpoint() as teacher:
         recipe = base_recipe(
-            ctx.model,
-            ctx.data,
+            ctx,
+            ctx.sets,
+            "known",
             ctx.work / "ttd",
             tlm_reset="prompt",
             tlm_selector="generate",
@@ -370,7 +985,7 @@ def case_per_prompt_ttd_endpoint(ctx) -> str:
             tlm_gate="none",
             tlm_generate_k=1,
             tlm_prompt_epochs=3,
-            lora_target="all",
+            tlm_log_p0=None,
             max_samples=8,
         )
         out = run_ok(recipe, ctx.work, "per_prompt_ttd_endpoint")
@@ -379,98 +994,103 @@ def case_per_prompt_ttd_endpoint(ctx) -> str:
     n = s["n_prompts"]
     expect([x["index"] for x in lines] == list(range(n)), "each prompt once, in order")
     expect(len(teacher.requests) == n, f"{len(teacher.requests)} requests to the teacher for {n} prompts")
-    expect(all(x["steps"] == 3 for x in lines), f"steps per prompt {[x['steps'] for x in lines]}, expected 3")
+    expect(all(x["steps"] + x.get("overflow_steps", 0) == 3 for x in lines), "3 steps per prompt")
     drops = [(x["data_loss_before"], x["data_loss_after"]) for x in lines]
     expect(all(b < a for a, b in drops), "the loss on the teacher's answer did not fall on every prompt")
     expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
     a, b = drops[0]
-    return f"{n} prompts trained on the teacher's example (3 steps each; first prompt's loss {a:.2f} -> {b:.2f})"
-
-
-def write_fewshot_data(ctx) -> str:
-    """The demo prompts regrouped into 4 tasks of 6 prompts, each carrying 3 demonstrations (the next group's
-    first rows) in its history: 4 task adapters to train, 20 prompts that reuse one."""
-    rows = json.loads((Path(ctx.data) / "tlm_demo.json").read_text(encoding="utf-8"))[:24]
-    folder = ctx.work / "fewshot_data"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, row in enumerate(rows):
-        group = i // 6
-        donors = [rows[(6 * (group + 1) + j) % 24] for j in range(3)]
-        history = [[d["instruction"], d["output"]] for d in donors]
-        out.append({"instruction": row["instruction"], "input": "", "output": row["output"], "history": history})
-    (folder / "fewshot.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
-    info = {"fewshot": {"file_name": "fewshot.json", "columns": {"history": "history"}}}
-    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
-    return str(folder)
+    return f"{n} prompts trained on the teacher's example (first prompt's loss {a:.2f} -> {b:.2f})"
 
 
 def case_per_prompt_fewshot(ctx) -> str:
+    rows = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))[:24]
+    out_rows = []
+    for i, row in enumerate(rows):  # 4 tasks of 6 prompts, each with 3 demonstrations (the next group's rows)
+        donors = [rows[(6 * (i // 6 + 1) + j) % 24] for j in range(3)]
+        out_rows.append(
+            {
+                "instruction": row["instruction"],
+                "input": "",
+                "output": row["output"],
+                "history": [[d["instruction"], d["output"]] for d in donors],
+            }
+        )
+    folder = ctx.work / "fewshot_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "fewshot.json").write_text(json.dumps(out_rows, indent=1), encoding="utf-8")
+    (folder / "dataset_info.json").write_text(
+        json.dumps({"fewshot": {"file_name": "fewshot.json", "columns": {"history": "history"}}}), encoding="utf-8"
+    )
     recipe = base_recipe(
-        ctx.model,
-        write_fewshot_data(ctx),
+        ctx,
+        folder,
+        "fewshot",
         ctx.work / "fewshot",
-        dataset="fewshot",
         tlm_reset="prompt",
         tlm_selector="demos",
         tlm_demo_orders=8,
         tlm_prompt_epochs=1,
         per_device_train_batch_size=4,
+        tlm_log_p0=None,
     )
     out = run_ok(recipe, ctx.work, "per_prompt_fewshot")
     s = read_json(out / "tlm_summary.json")
     lines = read_jsonl(out / "tlm_demos.jsonl")
     expect([x["index"] for x in lines] == list(range(24)), "each prompt once, in order")
     expect(all(x["n_demos"] == 3 for x in lines), "demonstrations not found in the history")
-    trained = [x["index"] for x in lines if x["steps"] > 0]
-    expect(trained == [0, 6, 12, 18], f"task adapters trained at prompts {trained}, expected 0, 6, 12, 18")
-    hits = s["per_prompt"]["n_cache_hits"]
-    expect(hits == 20, f"{hits} cache hits, expected 20")
+    trained = [x for x in lines if x["steps"] > 0]
+    expect([x["index"] for x in trained] == [0, 6, 12, 18], f"tasks trained at {[x['index'] for x in trained]}")
+    expect(s["per_prompt"]["n_cache_hits"] == 20, f"{s['per_prompt']['n_cache_hits']} cache hits, expected 20")
+    expect(
+        all(x["data_loss_after"] < x["data_loss_before"] for x in trained), "a task's demonstration loss did not fall"
+    )
     expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
-    loss = [(x["data_loss_before"], x["data_loss_after"]) for x in lines if x["steps"] > 0]
-    return "4 task adapters, 20 reuses; demo-answer loss " + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in loss)
+    return "4 task adapters, 20 reuses; demo-answer loss " + ", ".join(
+        f"{x['data_loss_before']:.2f}->{x['data_loss_after']:.2f}" for x in trained
+    )
 
 
 def case_resume_after_kill(ctx) -> str:
-    common = dict(
-        tlm_mode="online",
-        tlm_chunk_size=4,
-        lr_scheduler_type="constant",
-        warmup_ratio=0.0,
-        save_strategy="steps",
-        overwrite_output_dir=False,
-    )
-    ref = run_ok(base_recipe(ctx.model, ctx.data, ctx.work / "ref", **common), ctx.work, "resume_reference")
+    common = dict(tlm_mode="online", tlm_chunk_size=4, save_strategy="steps", overwrite_output_dir=False)
+    ref = run_ok(base_recipe(ctx, ctx.sets, "mixed", ctx.work / "ref", **common), ctx.work, "resume_reference")
     out = ctx.work / "killed"
-    path = write_recipe(ctx.work / "resume_killed.yaml", base_recipe(ctx.model, ctx.data, out, **common))
-    cli = shutil.which("llamafactory-cli", path=env_for()["PATH"]) or "llamafactory-cli"
+    recipe = base_recipe(ctx, ctx.sets, "mixed", out, **common)
+    path = write_recipe(ctx.work / "resume_killed.yaml", recipe)
+    predictions = out / "generated_predictions.jsonl"
     with (ctx.work / "resume_killed.log").open("w") as log:
         proc = subprocess.Popen(
-            [cli, "train", str(path)], env=env_for(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [*CLI, "train", str(path)],
+            env=env_for(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ctx.work,
         )
-        predictions = out / "generated_predictions.jsonl"
         while proc.poll() is None:
             if predictions.is_file() and len(predictions.read_text().splitlines()) >= 10:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.wait()
     killed_at = len(predictions.read_text().splitlines()) if predictions.is_file() else 0
-    expect(killed_at < 24, "the run finished before it could be killed")
-    run_ok(base_recipe(ctx.model, ctx.data, out, **common), ctx.work, "resume_rerun")
+    expect(proc.returncode == -signal.SIGKILL and killed_at < 24, "the run finished before it could be killed")
+    run_ok(recipe, ctx.work, "resume_rerun")
     a, b = read_jsonl(ref / "generated_predictions.jsonl"), read_jsonl(predictions)
     expect(len(b) == len(a) == 24, f"{len(b)} predictions after resuming, {len(a)} uninterrupted")
     expect([x["prompt"] for x in a] == [x["prompt"] for x in b], "prompts out of order or duplicated")
+    sa, sb = read_jsonl(ref / "tlm_scores.jsonl"), read_jsonl(out / "tlm_scores.jsonl")
+    expect([r["index"] for r in sb] == list(range(24)), "records missing or duplicated")
+    expect([r["selected"] for r in sa] == [r["selected"] for r in sb], "the resumed run selected other rows")
     same = sum(x["predict"] == y["predict"] for x, y in zip(a, b))
-    return f"killed at {killed_at}/24 answers; after resuming 24 answers, {same}/24 equal to the uninterrupted run"
+    return f"killed at {killed_at}/24 answers; after resuming 24 answers and records, {same}/24 answers equal"
 
 
 CASES = [
     case_bf16_offline,
-    case_fp16_online_no_selection,
+    case_fp16_online,
     case_deepspeed_zero2,
     case_deepspeed_zero3,
-    case_fsdp,
+    case_fsdp2,
     case_per_prompt_sift,
     case_per_prompt_ttsi,
     case_per_prompt_ttd_endpoint,
@@ -480,70 +1100,186 @@ CASES = [
 
 
 class Context:
-    def __init__(self, work: Path, model: str, data: str) -> None:
-        self.work, self.model, self.data = work, model, data
-        self.bf16_scores: list[float] | None = None
+    def __init__(self, work: Path, tokenizer: Path, data: Path, repo_files: Path) -> None:
+        import threading
+
+        self.work, self.tokenizer, self.data, self.repo_files = work, tokenizer, data, repo_files
+        self.model, self.big_model = work / "models" / "tiny", work / "models" / "llama-1b-random"
+        self.log_p0 = None
+        self.reference: dict | None = None
+        self.reference_ready = threading.Event()
+
+
+def run_case(case, ctx) -> tuple[str, str, float, str]:
+    name = case.__name__.removeprefix("case_")
+    start = time.perf_counter()
+    try:
+        detail, verdict = case(ctx), "PASS"
+    except CheckFailed as err:
+        detail, verdict = str(err), "FAIL"
+    except Exception as err:  # a crash of the check itself is a failure of that case, not of the report
+        detail, verdict = f"{type(err).__name__}: {err}", "FAIL"
+    finally:
+        if name == "bf16_offline":
+            ctx.reference_ready.set()
+    return verdict, name, time.perf_counter() - start, detail
+
+
+def run_bench(ctx, bench_script: Path) -> int:
+    print("\nbench_tlm.py --gpu on a random ~1B Llama (stage tlm vs plain LoRA, bf16; target <= 1.10x):", flush=True)
+    cmd = [
+        sys.executable,
+        str(bench_script),
+        "--gpu",
+        "--strict",
+        "--model",
+        str(ctx.big_model),
+        "--data",
+        str(ctx.data),
+        "--n",
+        str(DEMO_ROWS),
+        "--cli",
+        " ".join(CLI),
+        "--out",
+        str(ctx.work / "bench"),
+    ]
+    return subprocess.run(cmd, env=env_for(), check=False, cwd=ctx.work).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
-    parser.add_argument("--no-bench", action="store_true", help="skip bench/bench_tlm.py --gpu")
+    parser.add_argument("--prepare", type=Path, metavar="DIR", help="write the bundle to DIR (needs PyPI)")
+    parser.add_argument(
+        "--python-version",
+        default=f"{sys.version_info.major}.{sys.version_info.minor}",
+        help="--prepare: the GPU node's Python (default: this one's)",
+    )
+    parser.add_argument(
+        "--platform",
+        action="append",
+        default=None,
+        help="--prepare: wheel platform tags (default: manylinux 2.17 to 2.28, x86_64)",
+    )
+    parser.add_argument("--bundle", type=Path, metavar="DIR", help="install from the bundle in DIR and run the check")
+    parser.add_argument("--target", type=Path, default=None, help="--bundle: install folder (default: WORK/site)")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     parser.add_argument("--only", default=None, help="comma-separated case names to run")
-    parser.add_argument("--cpu", action="store_true", help="check this script on a CPU (fp32; FSDP and bench skipped)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the timing")
+    parser.add_argument(
+        "--cpu", action="store_true", help="fp32 on the CPU (no FSDP, fp16 or bench): checks the script"
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="cases run at once (default 4 on a GPU, 1 on the CPU)")
     args = parser.parse_args(argv)
-    ensure_environment(argv)
+    if args.prepare:
+        platforms = args.platform or [f"manylinux_2_{n}_x86_64" for n in (28, 27, 24, 17)] + ["manylinux2014_x86_64"]
+        return prepare(args.prepare.resolve(), args.python_version, platforms)
     CPU["on"] = args.cpu
+    LANES["jobs"] = args.jobs or (1 if args.cpu else 4)
+    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="tlm-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if args.bundle:
+        bundle = args.bundle.resolve()
+        unpacked = work / "bundle"
+        Env.target = (args.target or work / "site").resolve()
+        print(f"installing from {bundle} into {Env.target} (no network needed) ...", flush=True)
+        for line in install(bundle, Env.target, unpacked):
+            print(f"  {line}", flush=True)
+        sys.path[:0] = [str(Env.target)]
+        tokenizer, data = unpacked / "tokenizer", unpacked / "data"
+        bench_script, repo_files = unpacked / "bench_tlm.py", unpacked
+        _recipes_into(unpacked)
+        print(f"installed in {time.perf_counter() - started:.0f} s", flush=True)
+    else:  # from a checkout whose environment has everything (developers' machines with a GPU and PyPI)
+        model_dir = (
+            subprocess.run(
+                [sys.executable, "-m", "tlm_plugin.assets", "model"],
+                env=env_for(),
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        tokenizer = Path(model_dir)
+        data = Path(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tlm_plugin.assets",
+                    "data",
+                    "--out",
+                    str(work / "demo"),
+                    "--n",
+                    str(DEMO_ROWS),
+                ],
+                env=env_for(),
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        bench_script, repo_files = HERE / "bench_tlm.py", REPO / "recipes"
 
     import torch
 
     if not args.cpu and not torch.cuda.is_available():
         print("FAIL  setup: no CUDA device visible to torch", flush=True)
         return 1
+    versions = {name: node_version(name) for name in ("torch", "transformers", "accelerate", "peft", "deepspeed")}
     device = "CPU (script check)" if args.cpu else torch.cuda.get_device_name(0)
-    print(f"device: {device}, torch {torch.__version__}", flush=True)
-    work = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="tlm-gpu-check-"))
-    work.mkdir(parents=True, exist_ok=True)
-    assets = [sys.executable, "-m", "tlm_plugin.assets"]
-    model = subprocess.run([*assets, "model"], env=env_for(), capture_output=True, text=True, check=True).stdout
-    data = subprocess.run(
-        [*assets, "data", "--out", str(work / "data"), "--n", "24"],
-        env=env_for(),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    ctx = Context(work, model.strip().splitlines()[-1], data.strip().splitlines()[-1])
+    import importlib
 
-    failures = 0
+    importlib.invalidate_caches()
+    print(f"device: {device}; " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    ctx = Context(work, tokenizer, data, repo_files)
+    start = time.perf_counter()
+    try:
+        build_models(ctx)
+    except CheckFailed as err:
+        print(f"FAIL  setup: {err}", flush=True)
+        return 1
+    write_data(ctx)
+    print(
+        f"models built in {time.perf_counter() - start:.0f} s: taught prompts' log-ppl <= {ctx.separation[0]:.2f}, "
+        f"made-up >= {ctx.separation[1]:.2f}, P0 = {ctx.log_p0}",
+        flush=True,
+    )
+
     wanted = set(args.only.split(",")) if args.only else None
-    for case in CASES:
-        name = case.__name__.removeprefix("case_")
-        if (wanted and name not in wanted) or (args.cpu and name == "fsdp"):
-            continue
-        start = time.perf_counter()
-        try:
-            detail, verdict = case(ctx), "PASS"
-        except CheckFailed as err:
-            detail, verdict = str(err), "FAIL"
-        except Exception as err:  # a crash of the check itself is a failure of that case, not of the report
-            detail, verdict = f"{type(err).__name__}: {err}", "FAIL"
-        failures += verdict == "FAIL"
-        print(f"{verdict}  {name:<28} {time.perf_counter() - start:7.1f} s  {detail}", flush=True)
-
+    cases = [c for c in CASES if (wanted is None or c.__name__.removeprefix("case_") in wanted)]
+    if args.cpu:
+        cases = [c for c in cases if c is not case_fsdp2]
+    if not any(c is case_bf16_offline for c in cases):
+        ctx.reference_ready.set()
+    failures = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=LANES["jobs"]) as pool:
+        for verdict, name, seconds, detail in pool.map(lambda c: run_case(c, ctx), cases):
+            failures += verdict == "FAIL"
+            print(f"{verdict}  {name:<26} {seconds:7.1f} s  {detail}", flush=True)
     if not args.no_bench and not wanted and not args.cpu:
-        print("\nbench/bench_tlm.py --gpu (stage tlm vs plain LoRA, bf16):", flush=True)
-        code = subprocess.run(
-            [sys.executable, str(REPO / "bench" / "bench_tlm.py"), "--gpu", "--out", str(work / "bench")],
-            env=env_for(),
-            check=False,
-        ).returncode
-        failures += code != 0
+        failures += run_bench(ctx, bench_script) != 0
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'all cases passed' if failures == 0 else f'{failures} failed'}", flush=True)
+    print(
+        f"\n{'all cases passed' if failures == 0 else f'{failures} failed'} in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return 1 if failures else 0
+
+
+def _recipes_into(unpacked: Path) -> None:
+    """The bundle's own copies of the DeepSpeed configs (written by --prepare from recipes/deepspeed)."""
+    folder = unpacked / "deepspeed"
+    if not folder.is_dir():
+        raise SystemExit(f"FAIL  setup: {folder} is missing from the bundle")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -150,3 +152,39 @@ def run_cli(
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cli_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "LLAMAFACTORY_VERBOSITY": "WARN",
+        "OMP_NUM_THREADS": "1",
+        "DISABLE_VERSION_CHECK": "1",
+    }
+
+
+def run_and_kill(recipe: dict, tmp_path: Path, watch: str, at_lines: int) -> int:
+    """Start the run, SIGKILL its whole process group once ``output_dir/watch`` has ``at_lines`` lines."""
+    import yaml
+
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    watched = Path(recipe["output_dir"]) / watch
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "llamafactory-cli"), "train", str(path)],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if watched.is_file() and len(watched.read_text(encoding="utf-8").splitlines()) >= at_lines:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return len(watched.read_text(encoding="utf-8").splitlines())

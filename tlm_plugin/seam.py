@@ -1,4 +1,5 @@
-"""Every LLaMA-Factory name the plugin reaches that is not part of its documented interface, in one place.
+"""Every LLaMA-Factory, transformers, accelerate and DeepSpeed name the plugin reaches that is not part of the
+library's documented interface, in one place.
 
 ``stage: tlm`` needs four kinds of LLaMA-Factory internals: the tuner's training function (the hook), the callbacks
 its sft stage builds, the chat template's element-by-element encoding (the user-token masks) and the aligned rows
@@ -6,8 +7,10 @@ of the dataset loader (``_prompt``/``_response``/``_system``/``_tools`` columns)
 else, so a release that moves one of them breaks this module and ``tests/test_seam.py``, which names what changed.
 """
 
+import contextlib
 import importlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -51,6 +54,14 @@ INTERNALS: dict[str, tuple[str, tuple[str, ...] | None]] = {
         "the prompt truncation of the unsupervised processor",
         ("source_len", "target_len", "cutoff_len"),
     ),
+    "transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref": (
+        "loading a local teacher whole while the run itself is under ZeRO-3",
+        None,
+    ),
+    "accelerate.state.GradientState._set_sync_gradients": (
+        "holding the optimizer wrapper back during a skipped update",
+        ("self", "sync_gradients"),
+    ),
 }
 
 
@@ -72,9 +83,10 @@ def resolve(dotted: str) -> Any:
 
 def _missing_message(dotted: str, why: str) -> str:
     use = INTERNALS.get(dotted, ("an internal",))[0]
+    package = dotted.split(".")[0]
     return (
-        f"stage: tlm needs LLaMA-Factory's {dotted} ({use}), but {why}. This llamafactory version moved it; "
-        "install a tested version (llamafactory>=0.9.5,<0.10) or report it to llamafactory-tlm."
+        f"stage: tlm needs {package}'s {dotted} ({use}), but {why}. This {package} version moved it; install a "
+        "version inside llamafactory-tlm's tested bounds (pyproject.toml) or report it to llamafactory-tlm."
     )
 
 
@@ -160,3 +172,61 @@ def sft_callbacks(model_args, data_args, training_args, finetuning_args, generat
     reporter = resolve("llamafactory.train.callbacks.ReporterCallback")
     callbacks.append(reporter(model_args, data_args, finetuning_args, generating_args))
     return callbacks
+
+
+def set_sync_gradients(accelerator, value: bool) -> None:
+    """Whether accelerate's optimizer wrapper steps when called (it steps on gradient-sync steps only)."""
+    resolve("accelerate.state.GradientState._set_sync_gradients")
+    accelerator.gradient_state._set_sync_gradients(value)
+
+
+@contextlib.contextmanager
+def without_hf_deepspeed_config() -> Iterator[None]:
+    """transformers' global DeepSpeed config unset for the duration: a model loaded inside is not partitioned by
+    ``zero.Init`` (a ZeRO-3 run's own model is, and its engine gathers it; a second model has no engine)."""
+    module = importlib.import_module("transformers.integrations.deepspeed")
+    resolve("transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref")
+    ref = module._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    module.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        module.set_hf_deepspeed_config(config)
+
+
+def forget_prepared_optimizer(accelerator, prepared):
+    """The plain optimizer inside accelerate's wrapper ``prepared``, removed from the accelerator's list, so that the
+    training loop's own ``prepare`` wraps it once (an optimizer prepared twice would step its GradScaler twice)."""
+    optimizers = getattr(accelerator, "_optimizers", None)
+    if optimizers is None:
+        raise SeamError("stage: tlm needs accelerate's Accelerator._optimizers (FSDP2 before training): not found.")
+    if prepared in optimizers:
+        optimizers.remove(prepared)
+    return prepared.optimizer
+
+
+def fsdp_peft_plugin_updates(trainer) -> None:
+    """transformers' FSDP wrap policy for a PEFT model, set before FSDP1 wraps it (4.x: a trainer method; 5.x: a
+    function of ``transformers.integrations.fsdp``)."""
+    if hasattr(trainer, "_fsdp_qlora_plugin_updates"):
+        trainer._fsdp_qlora_plugin_updates()
+        return
+    from peft import PeftModel
+
+    fsdp = importlib.import_module("transformers.integrations.fsdp")
+    if isinstance(trainer.model, PeftModel):
+        fsdp.update_fsdp_plugin_peft(trainer.model, trainer.accelerator)
+
+
+def remove_engine_forward_hooks(engine) -> None:
+    """Remove the forward pre/post hooks a DeepSpeed engine put on its module (``DeepSpeedEngine.destroy`` leaves
+    them: a module that outlives several engines would run every dead engine's hooks at every forward)."""
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)

@@ -6,15 +6,10 @@ Offline: training resumes from its last checkpoint with the scores of the interr
 """
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from tlm_testing import CANARY, QUESTIONS, VENV_BIN, base_recipe, read_jsonl, run_cli, write_dataset
+from tlm_testing import CANARY, QUESTIONS, base_recipe, read_jsonl, run_and_kill, run_cli, write_dataset
 
 
 pytestmark = pytest.mark.slow
@@ -25,40 +20,6 @@ ROWS = [
 
 def big_data(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "data", ROWS, name="big")
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1",
-        "LLAMAFACTORY_VERBOSITY": "WARN",
-        "OMP_NUM_THREADS": "1",
-        "DISABLE_VERSION_CHECK": "1",
-    }
-
-
-def run_and_kill(recipe: dict, tmp_path: Path, watch: str, at_lines: int) -> int:
-    """Start the run, SIGKILL its whole process group once ``output_dir/watch`` has ``at_lines`` lines."""
-    path = tmp_path / "killed.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    watched = Path(recipe["output_dir"]) / watch
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "llamafactory-cli"), "train", str(path)],
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        if watched.is_file() and len(watched.read_text(encoding="utf-8").splitlines()) >= at_lines:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return len(watched.read_text(encoding="utf-8").splitlines())
 
 
 def ok(proc) -> None:

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.integrations import is_deepspeed_zero3_enabled
 
 from tlm_plugin.objectives.entropy import come_loss, eata_loss, eata_threshold, mean_entropy, tent_loss
+from tlm_plugin.train.backend import generation_module, shards_parameters
+from tlm_plugin.train.generation import generate
 from tlm_plugin.train.loss import log_perplexity
 
 
@@ -44,7 +45,8 @@ def generate_and_forward(trainer, model, inputs: dict[str, torch.Tensor]) -> dic
     """Greedy answers (no gradient, KV cache), then one forward pass with gradient over prompt + answer.
 
     Returns ``logits`` (B, T, V), ``sequences`` (B, T), ``answer_mask`` (positions whose logits predict a generated
-    token) and ``prompt_mask`` (positions of counted prompt tokens), all aligned with left-padded ``sequences``.
+    token) and ``prompt_mask`` (positions of counted prompt tokens), all aligned with left-padded ``sequences``, and
+    ``answer_window``: the slice of positions that can predict a generated token (the only ones an objective reads).
     """
     args = trainer.tlm_args
     tokenizer = trainer.processing_class
@@ -57,21 +59,21 @@ def generate_and_forward(trainer, model, inputs: dict[str, torch.Tensor]) -> dic
 
     eos_ids = trainer.generation_kwargs.get("eos_token_id") or [tokenizer.eos_token_id]
     eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
-    unwrapped = trainer.accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    with torch.no_grad():
-        sequences = unwrapped.generate(
-            input_ids=left_ids,
-            attention_mask=left_attn,
-            max_new_tokens=args.tlm_entropy_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            synced_gpus=is_deepspeed_zero3_enabled(),
-        )
-    unwrapped.train(was_training)
+    decoder = generation_module(trainer, model)
+    was_training = decoder.training
+    decoder.eval()
+    sequences = generate(
+        decoder,
+        left_ids,
+        left_attn,
+        shards_parameters(trainer),
+        max_new_tokens=args.tlm_entropy_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+    )
+    decoder.train(was_training)
 
     width = left_ids.size(1)
     gen_mask = _generated_mask(sequences[:, width:], eos_ids)
@@ -81,7 +83,13 @@ def generate_and_forward(trainer, model, inputs: dict[str, torch.Tensor]) -> dic
     answer_mask = torch.zeros_like(attention)
     answer_mask[:, width - 1 : -1] = gen_mask  # logits at t predict token t + 1: the generated tokens
     prompt_mask = torch.cat([left_loss, torch.zeros_like(gen_mask)], dim=-1)
-    return {"logits": logits, "sequences": sequences, "answer_mask": answer_mask, "prompt_mask": prompt_mask}
+    return {
+        "logits": logits,
+        "sequences": sequences,
+        "answer_mask": answer_mask,
+        "prompt_mask": prompt_mask,
+        "answer_window": slice(width - 1, sequences.size(1) - 1),
+    }
 
 
 def pseudo_label_nll(trainer, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,8 +133,10 @@ def entropy_step(
     """
     args = trainer.tlm_args
     out = generate_and_forward(trainer, model, inputs)
-    logits, answer_mask = out["logits"], out["answer_mask"]
-    log_ppl, _ = log_perplexity(logits, out["sequences"], out["prompt_mask"])
+    log_ppl, _ = log_perplexity(out["logits"], out["sequences"], out["prompt_mask"])
+    # The objectives' fp32 softmax terms are (B, positions, V): over the answer window only, not the whole prompt
+    # (with a 128k vocabulary and a 1k-token prompt the full tensor alone is several GB per sample).
+    logits, answer_mask = out["logits"][:, out["answer_window"]], out["answer_mask"][:, out["answer_window"]]
     entropy = mean_entropy(logits.detach(), answer_mask)
     keep = select(log_ppl.detach()).to(answer_mask.device)
     answer_mask = answer_mask * keep[:, None].long()

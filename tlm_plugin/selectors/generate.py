@@ -160,6 +160,7 @@ class ModelGenerator:
             out = self.model.generate(
                 input_ids=torch.tensor([ids], device=self.device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+                synced_gpus=False,  # per prompt, each rank on its own (see train.generation.synced_gpus)
                 do_sample=True,
                 temperature=temperature,
                 top_p=top_p,
@@ -176,8 +177,11 @@ def load_teacher(name: str, device, dtype):
     """A local folder or hub id as a ModelGenerator, with its own tokenizer and chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tlm_plugin.seam import without_hf_deepspeed_config
+
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype).to(device).eval()
+    with without_hf_deepspeed_config():  # whole on this rank: no ZeRO-3 partitions that no engine would gather
+        model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype).to(device).eval()
 
     def chat(text: str) -> list[int]:
         if getattr(tokenizer, "chat_template", None):

@@ -18,6 +18,7 @@ Nothing here calls ``Trainer.predict`` / ``evaluate``: transformers refuses ZeRO
 """
 
 import contextlib
+import datetime
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,19 @@ def full_parameters(trainer) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """ZeRO-3 partitions among ``params`` gathered whole on every rank for the duration (read only); plain
+    parameters are left as they are. Every rank must enter."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
 def no_grad_model(trainer) -> Iterator[torch.nn.Module]:
     """The module to call for a no-grad pass, in eval mode; training mode is restored on exit.
 
@@ -81,12 +95,9 @@ def no_grad_model(trainer) -> Iterator[torch.nn.Module]:
     temporary_engine = None
     if is_zero3(trainer) and getattr(trainer, "deepspeed", None) is None and not getattr(trainer, "full_copy", False):
         temporary_engine = _zero3_inference_engine(trainer)
-    if getattr(trainer, "is_fsdp_enabled", False) and trainer.accelerator.unwrap_model(trainer.model) is not (
-        trainer.model
-    ):
-        module = trainer.model
-    else:
-        module = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(trainer, "is_fsdp_enabled", False) and not is_fsdp_prepared(trainer.model):
+        prepare_fsdp_early(trainer)
+    module = generation_module(trainer, trainer.model)
     was_training = module.training
     module.eval()
     try:
@@ -98,23 +109,94 @@ def no_grad_model(trainer) -> Iterator[torch.nn.Module]:
             _release_inference_engine(trainer, temporary_engine)
 
 
+def generation_module(trainer, model) -> torch.nn.Module:
+    """The module to run no-grad forwards and ``generate`` on: an FSDP1 wrapper itself (its forward gathers the
+    shards; ``generate`` runs under ``summon_full_params`` of the root), else the module inside DDP / DeepSpeed /
+    FSDP2 (whose ``generate`` transformers registers as an FSDP forward method)."""
+    if getattr(trainer, "is_fsdp_enabled", False) and is_fsdp1_wrapper(model):
+        return model
+    return trainer.accelerator.unwrap_model(model)
+
+
+def is_fsdp_prepared(model) -> bool:
+    """Whether ``model`` is already sharded by FSDP (an FSDP1 wrapper, or a module FSDP2's ``fully_shard`` made)."""
+    if is_fsdp1_wrapper(model):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return isinstance(model, FSDPModule)
+
+
+def prepare_fsdp_early(trainer) -> None:
+    """Shard the model before the training loop, exactly as transformers' training preparation does, so that the
+    passes that run before training (scores, embeddings, answers) run on the sharded model in lock-step.
+
+    Before it is sharded, an FSDP model is not ready for a forward: with ``fsdp_cpu_ram_efficient_loading`` (set in
+    LLaMA-Factory's own FSDP configs) only local rank 0 holds the weights, on the CPU; the others hold zeros until
+    accelerate's preparation broadcasts them. FSDP1: the PEFT wrap policy, then ``prepare(model)``. FSDP2: the
+    recipe's optimizer first (accelerate shards model and optimizer together), then ``prepare(model, optimizer)``;
+    the optimizer is handed back unwrapped. The training loop prepares both again, which leaves an already-sharded
+    model as it is, and builds its LR schedule as usual.
+    """
+    accelerator = trainer.accelerator
+    if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+        from tlm_plugin.seam import forget_prepared_optimizer
+
+        trainer.create_optimizer()
+        model, optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
+        trainer.optimizer = forget_prepared_optimizer(accelerator, optimizer)
+        if hasattr(model, "generate"):  # as transformers does after its own preparation
+            try:
+                from torch.distributed.fsdp import register_fsdp_forward_method
+            except ImportError:  # torch < 2.6
+                from torch.distributed._composable.fsdp import register_fsdp_forward_method
+            register_fsdp_forward_method(model, "generate")
+    else:
+        from tlm_plugin.seam import fsdp_peft_plugin_updates
+
+        fsdp_peft_plugin_updates(trainer)
+        model = accelerator.prepare(trainer.model)
+    trainer.model = trainer.model_wrapped = model
+
+
+def is_fsdp1_wrapper(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return isinstance(model, FullyShardedDataParallel)
+
+
 def _zero3_inference_engine(trainer) -> Any:
     """A ZeRO-3 inference engine on ``trainer.model`` (transformers' own path for evaluation before training)."""
     import copy
 
     from transformers.integrations.deepspeed import deepspeed_init
 
-    hf_config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config
-    saved = copy.deepcopy(hf_config.config)  # inference deletes the optimizer / scheduler sections
-    deepspeed_init(trainer, num_training_steps=0, inference=True)
-    engine = trainer.accelerator.prepare(trainer.model)
-    hf_config.config = saved
+    config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+    # Inference deletes the optimizer section and fills `auto` step counts with 0. The dict is shared with
+    # accelerate's plugin (deepspeed_config), which the training engine is built from: restore it in place.
+    saved = copy.deepcopy(config)
+    try:
+        deepspeed_init(trainer, num_training_steps=0, inference=True)
+        engine = trainer.accelerator.prepare(trainer.model)
+    finally:
+        config.clear()
+        config.update(saved)
     return engine
 
 
 def _release_inference_engine(trainer, engine) -> None:
     """Remove the inference engine's hooks and references, so that ``train()`` builds its own engine."""
+    from tlm_plugin.seam import remove_engine_forward_hooks
+
     engine.destroy()
+    remove_engine_forward_hooks(engine)  # destroy() leaves them on the module: each would run at every forward
     accelerator = trainer.accelerator
     accelerator._models = [m for m in accelerator._models if m is not engine]
     accelerator.deepspeed_engine_wrapped = None
@@ -140,14 +222,51 @@ def lockstep_count(local_batches: int, lockstep: bool) -> int:
     return int(count)
 
 
+# Collectives of Python objects (records, scores, embeddings, decisions) run over a gloo group of their own: under
+# NCCL, torch's object collectives would pickle every rank's object onto the GPU (padded to the largest), which for a
+# pool's embeddings can exhaust GPU memory. The wait at the end of per-prompt learning, where ranks finish at
+# different times, runs over a second gloo group with a long timeout: nothing NCCL is in flight while ranks wait.
+_GROUPS: dict[str, Any] = {}
+_TIMEOUTS = {"objects": datetime.timedelta(minutes=30), "wait": datetime.timedelta(days=7)}
+
+
+def set_timeouts(ddp_timeout_s: float | None) -> None:
+    """The recipe's ``ddp_timeout`` for object collectives (the per-prompt wait allows at least seven days); the
+    groups are made now, a point every rank reaches together. Called by every rank at the start of a run."""
+    if ddp_timeout_s:
+        _TIMEOUTS["objects"] = datetime.timedelta(seconds=ddp_timeout_s)
+        _TIMEOUTS["wait"] = max(_TIMEOUTS["wait"], datetime.timedelta(seconds=ddp_timeout_s))
+    _GROUPS.clear()
+    if rank_and_world()[1] > 1:
+        for kind in _TIMEOUTS:
+            _group(kind)
+
+
+def _group(kind: str):
+    """The gloo group ``kind`` (created on first use, which every rank reaches at the same collective)."""
+    if kind not in _GROUPS:
+        _GROUPS[kind] = dist.new_group(backend="gloo", timeout=_TIMEOUTS[kind])
+    return _GROUPS[kind]
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    """Every rank's ``obj`` (picklable), in rank order, through host memory; ``[obj]`` without a process group."""
     _, world = rank_and_world()
     if world == 1:
         return [obj]
     parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, obj)
+    dist.all_gather_object(parts, obj, group=_group("objects"))
     return parts
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank: a decision taken once (e.g. whether to resume), never rank by rank."""
+    _, world = rank_and_world()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_group("objects"))
+    return box[0]
 
 
 def all_agree(flags: list[bool]) -> list[bool]:
@@ -163,6 +282,20 @@ def all_agree(flags: list[bool]) -> list[bool]:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def wait_for_all() -> None:
+    """Every rank waits for the slowest (per-prompt learning, where shares take different times), over host memory
+    and with a timeout of days rather than ``ddp_timeout``."""
+    if rank_and_world()[1] > 1:
+        dist.barrier(group=_group("wait"))
+
+
+def is_local_main() -> bool:
+    """Local rank 0: the process that manages this node's own copy of ``output_dir``."""
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _device() -> torch.device:

@@ -17,7 +17,14 @@ import torch
 from llamafactory.extras.constants import IGNORE_INDEX
 from transformers import EvalPrediction
 
-from tlm_plugin.train.backend import all_gather_objects, lockstep_count, my_rows, no_grad_model, shards_parameters
+from tlm_plugin.train.backend import (
+    all_gather_objects,
+    lockstep_count,
+    my_rows,
+    no_grad_model,
+    rank_and_world,
+    shards_parameters,
+)
 
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
@@ -36,7 +43,8 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 
 def _summon(module) -> contextlib.AbstractContextManager:
-    """FSDP1 generates with the full parameters gathered (as transformers' own Seq2SeqTrainer does)."""
+    """FSDP1 generates with the root's full parameters gathered (as transformers' own Seq2SeqTrainer does); the
+    wrapped layers gather their own in their forwards. FSDP2 registers ``generate`` as a forward method instead."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     except ImportError:
@@ -46,15 +54,30 @@ def _summon(module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def synced_gpus(lockstep: bool) -> bool:
+    """The ``synced_gpus`` flag of every ``generate`` call of stage tlm, always passed explicitly.
+
+    True exactly when the forwards are collective (ZeRO-3 / FSDP with more than one rank): then every rank decodes
+    until the last one is done. False otherwise, also under ZeRO-3 in per-prompt mode, where each rank holds the
+    whole model and makes its own number of calls; left to transformers, ``generate`` turns it on whenever ZeRO-3
+    or FSDP is active and pairs its per-token all-reduces with whatever collective another rank is in.
+    """
+    return bool(lockstep) and rank_and_world()[1] > 1
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lockstep: bool, **kwargs) -> torch.Tensor:
+    """``model.generate`` (prompt + answer ids, no gradient) with ``synced_gpus`` set by :func:`synced_gpus`."""
+    kwargs["synced_gpus"] = synced_gpus(lockstep)
+    with torch.no_grad(), _summon(model):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
 def generate_ids(trainer, model, prompts: list[list[int]], gen_kwargs: dict[str, Any], lockstep: bool) -> list:
     """Answer ids (prompt and padding removed) for ``prompts``, one ``generate`` call on an open model."""
     pad_id = trainer.processing_class.pad_token_id
     ids, mask = left_pad(prompts, pad_id, trainer.args.device)
-    kwargs = dict(gen_kwargs)
-    if lockstep:
-        kwargs["synced_gpus"] = True
-    with _summon(model), trainer.accelerator.autocast():
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with trainer.accelerator.autocast():
+        out = generate(model, ids, mask, lockstep, **gen_kwargs)
     return [[t for t in row if t != pad_id] for row in out[:, ids.shape[1] :].tolist()]
 
 

@@ -7,6 +7,7 @@ identity of the run (a hash of every setting that changes its results): rerunnin
 what an earlier stage-tlm run left.
 """
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -107,16 +108,18 @@ def run_identity(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(clean(settings), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def start_fresh(output_dir: str) -> None:
-    """Remove what an earlier stage-tlm run left in ``output_dir`` (only if it was one: ``tlm_run.json``)."""
-    if not os.path.isfile(os.path.join(output_dir, RUN_FILE)):
+def start_fresh(output_dir: str, force: bool = False) -> None:
+    """Remove what an earlier stage-tlm run left in ``output_dir`` (only if it was one: ``tlm_run.json``, or
+    ``force`` when the caller saw that file). Safe when other processes remove the same files at the same time."""
+    if not force and not os.path.isfile(os.path.join(output_dir, RUN_FILE)):
         return
     for pattern in OWN_PATTERNS:
         for path in glob.glob(os.path.join(output_dir, pattern)):
             if os.path.isdir(path):
-                shutil.rmtree(path)
+                shutil.rmtree(path, ignore_errors=True)
             else:
-                os.remove(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def write_identity(output_dir: str, identity: str, mode: str) -> None:
@@ -164,4 +167,5 @@ def complete_checkpoint(output_dir: str, state_key: str | None = None) -> str | 
 def remove_parts(output_dir: str) -> None:
     """Remove the per-rank record files of per-prompt mode once the run's final files are written."""
     for path in glob.glob(os.path.join(output_dir, "tlm_prompts.rank*.jsonl")):
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)

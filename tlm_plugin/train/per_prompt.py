@@ -27,18 +27,19 @@ from tqdm import tqdm
 from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
 from tlm_plugin.selectors.base import PromptDataSource
 from tlm_plugin.train import outputs
-from tlm_plugin.train.backend import all_gather_objects, barrier, full_parameters, rank_and_world
+from tlm_plugin.train.backend import all_gather_objects, full_parameters, rank_and_world, wait_for_all
 from tlm_plugin.train.gate import RunningFraction, dedupe, flag_fraction, margin, option_letters, uncertain
 from tlm_plugin.train.generation import append_lines, generate_ids
 from tlm_plugin.train.loss import token_nll
 from tlm_plugin.train.passes import row_nll
 from tlm_plugin.train.snapshot import TrainingSnapshot
-from tlm_plugin.train.workflow import ANSWER_MASKS
+from tlm_plugin.train.workflow import ANSWER_MASKS, add_answer_fields
 
 
 logger = get_logger(__name__)
 
 PART_PATTERN = "tlm_prompts.rank{rank}.jsonl"
+NOT_TRAINED = {"step_losses": [], "steps": 0, "skipped_steps": 0, "overflow_steps": 0}
 
 
 class PoolSource(PromptDataSource):
@@ -114,7 +115,7 @@ class PromptLearner:
         self.optimizer = trainer.create_optimizer()  # the recipe's optim (and LLaMA-Factory's custom optimizers)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 else None
-        self.snapshot = TrainingSnapshot.take(self.model, self.optimizer, scaler=self.scaler)
+        self.snapshot = TrainingSnapshot.take(self.model, self.optimizer)
 
     def _schedule(self, n_steps: int):
         trainer = self.trainer
@@ -131,7 +132,7 @@ class PromptLearner:
         windows = [batches[i : i + ga] for i in range(0, len(batches), ga)]
         scheduler = self._schedule(len(windows))
         self.model.train()
-        losses, steps, skipped = [], 0, 0
+        losses, steps, skipped, overflows = [], 0, 0, 0
         for window in windows:
             finite = True
             for batch in window:
@@ -151,14 +152,20 @@ class PromptLearner:
             if args.max_grad_norm and args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
             if self.scaler is not None:
-                self.scaler.step(self.optimizer)
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)  # skips the optimizer step when the gradients hold an inf / nan
                 self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # an overflow halves the scale
             else:
                 self.optimizer.step()
-            scheduler.step()
+                stepped = True
             self.optimizer.zero_grad(set_to_none=True)
-            steps += 1
-        return {"step_losses": losses, "steps": steps, "skipped_steps": skipped}
+            if stepped:
+                scheduler.step()
+                steps += 1
+            else:
+                overflows += 1
+        return {"step_losses": losses, "steps": steps, "skipped_steps": skipped, "overflow_steps": overflows}
 
     def _loss(self, batch: list[dict[str, Any]]) -> torch.Tensor:
         """Mean NLL over the counted tokens of the batch (LLaMA-Factory's sft loss for label masks; the row's
@@ -180,7 +187,10 @@ class PromptLearner:
         return nll.sum() / counted[:, 1:].sum().clamp(min=1)
 
     def restore(self) -> None:
-        self.snapshot.restore(self.model, self.optimizer, scaler=self.scaler)
+        """Adapter, optimizer state and learning rates back to the start. The fp16 loss scale is carried on to the
+        next prompt, as a training run carries it from step to step: restarting it at 2^16 for every prompt would
+        repeat the first overflows (steps that change nothing) at every prompt."""
+        self.snapshot.restore(self.model, self.optimizer)
         self.trainer.lr_scheduler = None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -327,7 +337,7 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         prompt_scores = getattr(source, "prompt_scores", None)
         if prompt_scores is None:
             prompt_scores = run.prompt_scores()
-        rows = base_rows(run, prompt_scores)
+        rows = base_rows(run, prompt_scores, answers=False)  # answers are measured prompt by prompt
         done = _done(run.output_dir) if run.resume_from is not None else {}
         if done:
             logger.warning_rank0(f"Resuming: {len(done)} of {len(rows)} prompts were answered before.")
@@ -343,7 +353,7 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             record = answer_one(run, learner, source, gate, p, phase=lambda name: bar.set_postfix_str(name))
             append_lines(part, [outputs.jsonl_line(record)])
         run.timings["per_prompt_s"] = time.perf_counter() - start
-    barrier()
+    wait_for_all()  # shares take different times: a wait of days, over host memory, not a ddp_timeout barrier
     return _assemble(run, rows, source)
 
 
@@ -353,7 +363,7 @@ def _mean_loss(learner: "PromptLearner", rows: list[dict[str, Any]]) -> float | 
         return None
     learner.model.eval()
     total = count = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), learner.trainer.accelerator.autocast():
         for row in rows:
             nll, n = row_nll(learner.model, row, ("loss_mask",), learner.args.device)["loss_mask"]
             total, count = total + nll, count + n
@@ -378,15 +388,16 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
 
     t = time.perf_counter()
     phase("train")
+    start_state = {f"{k}_before": v for k, v in measure_likelihoods(run, learner.model, p).items()}
     key = source.cache_key(p) if data and run.tlm_args.tlm_demo_cache else None
     cached = run.task_adapters.load(key) if key else None
     measured = source.loss_rows(p, data) if getattr(source, "measure_data_loss", False) and data else []
     before = _mean_loss(learner, measured) if measured else None
     if cached is not None:  # a task trained for an earlier prompt: its adapter, no training
         learner.load_trainable(cached)
-        trained = {"step_losses": [], "steps": 0, "skipped_steps": 0, "cache_hit": True}
+        trained = {**NOT_TRAINED, "cache_hit": True}
     else:
-        trained = learner.train(data) if data else {"step_losses": [], "steps": 0, "skipped_steps": 0}
+        trained = learner.train(data) if data else dict(NOT_TRAINED)
         if key:
             run.task_adapters.save(key, learner.trainable_state())
             trained["cache_hit"] = False
@@ -396,7 +407,7 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
 
     t = time.perf_counter()
     phase("answer")
-    record: dict[str, Any] = {"index": p, **gated, **fields, **trained}
+    record: dict[str, Any] = {"index": p, **gated, **fields, **trained, **start_state}
     if key:
         record["task"] = key
     record.update(measure_answer(run, learner.model, p, answer_messages, vote_messages))
@@ -409,27 +420,40 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
     return record
 
 
-def measure_answer(
-    run, model, p: int, answer_messages: list[dict] | None = None, vote_messages: list[list[dict]] | None = None
-) -> dict[str, Any]:
-    """log-perplexity of the prompt, likelihood of its reference answer and the answer itself, with ``model`` as it
-    is now; ``answer_messages`` replaces the prompt's messages (in-context demonstrations); with ``vote_messages``
-    the prompt is also answered in those forms and the majority answer is kept (``votes`` lists them all)."""
+def measure_likelihoods(run, model, p: int, answer_messages: list[dict] | None = None) -> dict[str, Any]:
+    """The prompt's log-perplexity (and its user tokens') and its reference answer's bits per byte under ``model`` as
+    it is now, one row at a time on this rank, under the run's autocast. The one measurement of per-prompt mode,
+    before learning and after, so that their difference is the learning's and not two code paths'. With
+    ``answer_messages`` the answer is measured after those messages (in-context demonstrations)."""
     out: dict[str, Any] = {}
     prompt, device = run.prompts[p], run.training_args.device
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), run.trainer.accelerator.autocast():
         masks = ("loss_mask", "user_mask") if "user_mask" in prompt else ("loss_mask",)
         scores = row_nll(model, prompt, masks, device)
-        out["log_ppl_after"] = scores["loss_mask"][0] / max(scores["loss_mask"][1], 1)
+        out["log_ppl"] = scores["loss_mask"][0] / max(scores["loss_mask"][1], 1)
         if "user_mask" in scores:
-            out["log_ppl_user_after"] = scores["user_mask"][0] / max(scores["user_mask"][1], 1)
+            out["log_ppl_user"] = scores["user_mask"][0] / max(scores["user_mask"][1], 1)
         answer_row = run.answer_row(p, answer_messages)
         if answer_row is not None:
             nll = row_nll(model, answer_row, ANSWER_MASKS, device)
             out["answer_bpb"] = nll["answer_mask"][0] / math.log(2) / answer_row["answer_bytes"]
             content, counted = nll["answer_content_mask"]
             out["answer_content_bpb"] = content / math.log(2) / answer_row["answer_bytes"] if counted else None
+    return out
+
+
+def measure_answer(
+    run, model, p: int, answer_messages: list[dict] | None = None, vote_messages: list[list[dict]] | None = None
+) -> dict[str, Any]:
+    """:func:`measure_likelihoods` after learning (``*_after`` / ``answer_*``) and the answer itself, with ``model``
+    as it is now; ``answer_messages`` replaces the prompt's messages (in-context demonstrations); with
+    ``vote_messages`` the prompt is also answered in those forms and the majority answer is kept (``votes``)."""
+    measured = measure_likelihoods(run, model, p, answer_messages)
+    out: dict[str, Any] = {f"{k}_after" if k.startswith("log_ppl") else k: v for k, v in measured.items()}
+    prompt = run.prompts[p]
+    model.eval()
+    with torch.no_grad():
         if run.training_args.do_predict:
             ids = list(prompt["input_ids"]) if answer_messages is None else run.prompt_ids_for(p, answer_messages)
             out["answer_ids"] = generate_ids(run.trainer, model, [ids], run.gen_kwargs, False)[0]
@@ -460,6 +484,12 @@ def _assemble(run, rows: list[dict[str, Any]], source) -> tuple[list[dict[str, A
     for row in rows:
         rec = done[row["index"]]
         row.update(selected=rec["steps"] > 0, weight=1.0 if rec["steps"] > 0 else 0.0)
+        for key in ("log_ppl", "log_ppl_user"):  # measured as the "after" values are (measure_likelihoods)
+            if f"{key}_before" in rec:
+                row[key] = rec[f"{key}_before"]
+        if "answer_bpb_before" in rec:
+            base = {"answer_bpb": rec["answer_bpb_before"], "answer_content_bpb": rec["answer_content_bpb_before"]}
+            add_answer_fields(run, [row], {row["index"]: base}, "_base")
         for key in (
             "picks",
             "log_ppl_after",
@@ -475,6 +505,7 @@ def _assemble(run, rows: list[dict[str, Any]], source) -> tuple[list[dict[str, A
         stats["backward_rows"] += sum(1 for loss in rec["step_losses"] if loss == loss)
         stats["optimizer_steps"] += rec["steps"]
         stats["skipped_steps"] += rec["skipped_steps"]
+        stats["overflow_steps"] += rec.get("overflow_steps", 0)
         if rec["skipped_steps"]:
             stats["nonfinite_rows"].append(row["index"])
     records = [done[r["index"]] for r in rows]

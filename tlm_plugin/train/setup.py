@@ -82,10 +82,11 @@ def check_backend(training_args, tlm_args: "TLMArguments") -> None:
     """Combinations of backend and mode that cannot work, refused before the model loads."""
     deepspeed = training_args.deepspeed is not None
     fsdp = bool(getattr(training_args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    if tlm_args.tlm_reset == "chunk" and deepspeed:
+    if tlm_args.tlm_reset == "chunk" and (deepspeed or fsdp):
         raise TLMConfigError(
-            "tlm_reset: chunk is not supported with DeepSpeed: the optimizer state it restores lives in DeepSpeed's "
-            "partitions. Use DDP (no deepspeed key) for chunk resets; the adapter's optimizer state is small."
+            f"tlm_reset: chunk is not supported with {'DeepSpeed' if deepspeed else 'FSDP'}: the weights and optimizer "
+            "state it restores live in the backend's partitions (one rank's copy cannot restore another's). Use DDP "
+            "(no deepspeed key, no FSDP config) for chunk resets; the adapter's optimizer state is small."
         )
     if tlm_args.tlm_eata_fisher_coeff > 0 and (deepspeed or fsdp):
         raise TLMConfigError(

@@ -1,18 +1,21 @@
 """The TLM trainer: LLaMA-Factory's seq2seq trainer with the TLM loss and updates that can be skipped.
 
 Wiring only; the math lives in :mod:`tlm_plugin.train.loss` and :mod:`tlm_plugin.objectives`, the selection in
-:mod:`tlm_plugin.selectors`. The training loop is HF Trainer's own, under whatever backend the recipe chose; this
-class changes three things through the hooks HF offers:
+:mod:`tlm_plugin.selectors`. The training loop is HF Trainer's own, under whatever backend the recipe chose, and the
+mechanism below holds for every transformers release the project supports (4.55 to 5.6: the 4.x loops clip inline
+and set ``sync_gradients`` again after ``training_step``; 5.3+ call ``_clip_grad_norm`` / ``_get_grad_norm``):
 
 - ``compute_loss``: TLM's weighted log-perplexity (or an entropy objective) and the decision whether a micro-batch
   contributes: some row selected, and a finite loss. The decision is agreed across ranks.
 - ``training_step``: a micro-batch that does not contribute raises inside ``compute_loss`` and never reaches
   ``backward`` (HF's own ``training_step`` does the backward, gradient-accumulation scaling and DeepSpeed scaling
-  for the others). The last micro-batch of an accumulation window that did contribute runs its (zero) backward so
-  that DDP / DeepSpeed reduce the window's gradients.
-- a window without any backward, or with a non-finite loss, is a skipped update: ``_clip_grad_norm`` and
-  ``_get_grad_norm`` return None, the optimizer wrapper sees no sync step (so no optimizer, GradScaler or DeepSpeed
-  step) and the LR scheduler does not advance (:class:`SkippableScheduler`). Skipped updates are counted.
+  for the others). The last micro-batch of an accumulation window that did contribute runs a zero backward so
+  that DDP / DeepSpeed reduce and apply the window's gradients.
+- A micro-batch with a non-finite loss is dropped (its rows are listed in ``nonfinite_rows``); the rest of its
+  window updates as usual. No gradient is ever discarded after a backward, so no backend can carry one over.
+- A window without any backward is a skipped update: the accelerator's ``clip_grad_norm_`` returns None (no
+  unscaling, no norm), ``sync_gradients`` is off when the optimizer wrapper is called (no optimizer, GradScaler or
+  DeepSpeed step), and the LR scheduler does not advance (:class:`SkippableScheduler`). Skipped updates are counted.
 """
 
 import os
@@ -24,8 +27,9 @@ from llamafactory.extras import logging
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from transformers import TrainerCallback
 
+from tlm_plugin import seam
 from tlm_plugin.objectives.step import entropy_step
-from tlm_plugin.train.backend import all_agree, all_gather_objects
+from tlm_plugin.train.backend import all_agree, all_gather_objects, gathered
 from tlm_plugin.train.loss import masked_log_perplexity, tlm_loss, token_nll
 
 
@@ -62,10 +66,15 @@ class SkippableScheduler:
 
 
 class _UpdateCounter(TrainerCallback):
-    """Counts real optimizer steps and skipped updates; ends a skipped update after HF's step bookkeeping."""
+    """Holds the optimizer wrapper back during a skipped update; counts real optimizer steps and skipped updates and
+    ends a skipped update after HF's step bookkeeping."""
 
     def __init__(self, trainer: "TLMTrainer") -> None:
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.skip_update:  # accelerate's optimizer wrapper steps (optimizer, GradScaler) on sync steps only
+            seam.set_sync_gradients(self.trainer.accelerator, False)
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
@@ -99,9 +108,15 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         self.stats = {"backward_rows": 0, "optimizer_steps": 0, "skipped_steps": 0, "overflow_steps": 0}
         self.on_window_start: Callable[[dict], None] | None = None  # streaming: called before each update's rows
         self.skip_update = False
-        self._window = {"backward": False, "discard": False}
+        self._window = {"backward": False}
         self._window_open = False
         self.add_callback(_UpdateCounter(self))
+        clip = self.accelerator.clip_grad_norm_
+
+        def clip_unless_skipped(*args, **kwargs):  # called by every HF loop before the optimizer step
+            return None if self.skip_update else clip(*args, **kwargs)
+
+        self.accelerator.clip_grad_norm_ = clip_unless_skipped
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -117,22 +132,32 @@ class TLMTrainer(CustomSeq2SeqTrainer):
                 user = masked_log_perplexity(nll.detach(), inputs["user_mask"])[0]
                 self._user_log_ppl = dict(zip(inputs["index"].tolist(), user.tolist()))
         self._record(inputs, log_ppl.detach(), weights, entropy)
-        self._decide(inputs, loss, weights)
+        if self._decide(inputs, loss, weights) == "zero":
+            return self._zero_loss(model, inputs)
         self.stats["backward_rows"] += int((weights > 0).sum())
         return loss
 
-    def _decide(self, inputs, loss: torch.Tensor, weights: torch.Tensor) -> None:
-        """Raise :class:`_NoBackward` unless this micro-batch's backward is needed (same decision on every rank)."""
+    def _decide(self, inputs, loss: torch.Tensor, weights: torch.Tensor) -> str:
+        """``"loss"`` (backward this micro-batch's loss), ``"zero"`` (a zero backward that closes a window whose
+        earlier micro-batches contributed), or raise :class:`_NoBackward`. The same answer on every rank."""
         any_selected, any_nonfinite = all_agree([bool((weights > 0).any()), not bool(torch.isfinite(loss))])
-        boundary = self.accelerator.sync_gradients
-        zero = torch.zeros((), device=self.args.device)
+        closes_window = self.accelerator.sync_gradients and self._window["backward"]
         if any_nonfinite:
-            self._window["discard"] = True
             rows = [int(i) for i in inputs["index"].tolist() if i >= 0]
             self.nonfinite_rows += [r for part in all_gather_objects(rows) for r in part]
-            raise _NoBackward(zero)
-        if not any_selected and not (boundary and self._window["backward"] and not self._window["discard"]):
-            raise _NoBackward(zero)
+            if closes_window:
+                return "zero"
+            raise _NoBackward(torch.zeros((), device=self.args.device))
+        if not any_selected and not closes_window:
+            raise _NoBackward(torch.zeros((), device=self.args.device))
+        return "loss"
+
+    def _zero_loss(self, model, inputs) -> torch.Tensor:
+        """A loss of exactly 0 from a fresh forward of one token: its backward closes the window (DDP / DeepSpeed
+        reduce and step the earlier micro-batches' gradients) without the non-finite values of this micro-batch."""
+        ids = inputs["input_ids"][:1, :1]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        return logits.float().sum() * 0.0
 
     def _selection_weights(self, inputs, log_ppl: torch.Tensor) -> torch.Tensor:
         if "tlm_weight" in inputs:  # offline: fixed scores from the model before adaptation
@@ -202,7 +227,7 @@ class TLMTrainer(CustomSeq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         boundary = self.accelerator.sync_gradients
         if not self._window_open:
-            self._window = {"backward": False, "discard": False}
+            self._window = {"backward": False}
             self._window_open = True
             if self.on_window_start is not None:
                 self.on_window_start(inputs)
@@ -213,19 +238,15 @@ class TLMTrainer(CustomSeq2SeqTrainer):
             loss = skipped.loss
         if boundary:
             self._window_open = False
-            self.skip_update = self._window["discard"] or not self._window["backward"]
-            if self.skip_update:  # the optimizer wrapper only steps on a sync step
-                self.accelerator.gradient_state._set_sync_gradients(False)
+            self.skip_update = not self._window["backward"]
         return loss
-
-    def _clip_grad_norm(self, model):
-        return None if self.skip_update else super()._clip_grad_norm(model)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        return None if self.skip_update else super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if type(scheduler).__name__ == "DummyScheduler":
+            # the DeepSpeed config's own scheduler, stepped by the engine's step (which a skipped update never
+            # reaches); transformers recognises it by this class name to hand it to accelerate
+            return scheduler
         if not isinstance(scheduler, SkippableScheduler):
             self.lr_scheduler = scheduler = SkippableScheduler(scheduler, self)
         return scheduler
@@ -248,19 +269,22 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         """Save the adapter (and tokenizer, arguments) to output_dir, with or without a DeepSpeed engine.
 
         HF's ``save_model`` asks the DeepSpeed engine to save; runs that never entered the training loop (per-prompt
-        mode, nothing selected) have none, and their adapter weights are complete on every rank, so the main rank
-        saves them directly.
+        mode, nothing selected) have none. Their trainable weights may still be ZeRO-3 partitions (a ZeRO inference
+        engine for the passes before training converts every parameter it finds), so every rank gathers them and the
+        main rank saves.
         """
         if not self.is_deepspeed_enabled or self.deepspeed is not None:
             self.save_model()
             return
-        if self.args.should_save:
-            out = self.args.output_dir
-            os.makedirs(out, exist_ok=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(out)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(out)
-            torch.save(self.args, os.path.join(out, "training_args.bin"))
+        model = self.accelerator.unwrap_model(self.model)
+        with gathered([p for p in model.parameters() if p.requires_grad]):
+            if self.args.should_save:
+                out = self.args.output_dir
+                os.makedirs(out, exist_ok=True)
+                model.save_pretrained(out)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(out)
+                torch.save(self.args, os.path.join(out, "training_args.bin"))
 
     def gathered_stats(self) -> dict[str, Any]:
         """Backward rows (summed over ranks), optimizer / skipped steps and non-finite rows of this run."""

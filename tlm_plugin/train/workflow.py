@@ -18,8 +18,9 @@ from llamafactory.extras.logging import get_logger
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
 
+from tlm_plugin.hparams import TLMConfigError
 from tlm_plugin.train import outputs
-from tlm_plugin.train.backend import barrier, rank_and_world
+from tlm_plugin.train.backend import barrier, broadcast_object, is_local_main, rank_and_world, set_timeouts
 from tlm_plugin.train.collator import TLMDataCollator
 from tlm_plugin.train.data import Encoder, answer_rows, load_pool, load_prompts, raw_column
 from tlm_plugin.train.passes import mean_nll, nll_pass
@@ -157,6 +158,7 @@ def run_tlm(
 ) -> None:
     check_training_args(training_args, data_args, finetuning_args, tlm_args)
     check_backend(training_args, tlm_args)
+    set_timeouts(training_args.ddp_timeout)
 
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -263,15 +265,46 @@ def run_tlm(
         )
         if training_args.do_train and finetuning_args.plot_loss:
             plot_loss(training_args.output_dir, keys=["loss"])
-        outputs.remove_parts(training_args.output_dir)  # per-prompt records, now in the files above
     barrier()
+    if is_local_main():  # per-prompt records, now in the files above (every node's own copy)
+        outputs.remove_parts(training_args.output_dir)
 
 
 def _resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str | None:
     """Where an interrupted run resumes (a checkpoint path, or the output_dir for per-prompt runs), or None.
 
-    A run that does not resume starts over: what an earlier stage-tlm run left in ``output_dir`` is removed.
+    Rank 0 decides from what its ``output_dir`` holds and every rank follows that one decision (a rank that looked
+    for itself could see files rank 0 has just written, or, on another node without a shared file system, none at
+    all, and then enter collectives the others skip). A run that does not resume starts over: what an earlier
+    stage-tlm run left in ``output_dir`` is removed, on every node's own copy.
     """
+    out = training_args.output_dir
+    decision = {"resume": None, "error": None}
+    if rank_and_world()[0] == 0:
+        try:
+            decision["resume"] = _find_resume_point(training_args, tlm_args, run_id)
+        except TLMConfigError as err:
+            decision["error"] = str(err)
+    decision = broadcast_object(decision)
+    if decision["error"] is not None:
+        raise TLMConfigError(decision["error"])
+    resume = decision["resume"]
+    if resume is not None:
+        logger.warning_rank0(f"Resuming the interrupted stage-tlm run in {out} from {resume}.")
+    else:
+        earlier_run = is_local_main() and os.path.isfile(os.path.join(out, outputs.RUN_FILE))
+        barrier()  # every node has looked before any removes (one shared output_dir, or one per node)
+        if earlier_run:
+            outputs.start_fresh(out, force=True)
+        barrier()
+    if rank_and_world()[0] == 0:
+        outputs.write_identity(out, run_id, tlm_args.tlm_mode)
+    barrier()
+    training_args.resume_from_checkpoint = resume if resume != out else None
+    return resume
+
+
+def _find_resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str | None:
     out = training_args.output_dir
     resume: str | None = None
     if tlm_args.tlm_reset == "prompt":
@@ -281,16 +314,9 @@ def _resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str |
         state_key = "TLMStreamCallback" if tlm_args.tlm_mode == "online" else None
         resume = outputs.complete_checkpoint(out, state_key) or None
         if resume is None:
-            logger.warning_rank0(f"No complete stage-tlm checkpoint in {out}: the run starts over.")
+            logger.warning(f"No complete stage-tlm checkpoint in {out}: the run starts over.")
     if resume is not None:
         outputs.check_identity(out, run_id)
-        logger.warning_rank0(f"Resuming the interrupted stage-tlm run in {out} from {resume}.")
-    if rank_and_world()[0] == 0:
-        if resume is None:
-            outputs.start_fresh(out)
-        outputs.write_identity(out, run_id, tlm_args.tlm_mode)
-    barrier()
-    training_args.resume_from_checkpoint = resume if resume != out else None
     return resume
 
 
@@ -345,8 +371,9 @@ def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> 
     return result
 
 
-def base_rows(run: Run, scores: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per prompt from a scoring pass of the unadapted model (and the base answer likelihoods)."""
+def base_rows(run: Run, scores: dict[str, Any], answers: bool = True) -> list[dict[str, Any]]:
+    """One record per prompt from a scoring pass of the unadapted model (and, with ``answers``, the base answer
+    likelihoods)."""
     rows = [
         {"index": int(i), "n_tokens": int(n), "log_ppl": float(lp)}
         for i, n, lp in zip(scores["index"], scores["n_tokens"], scores["log_ppl"])
@@ -354,7 +381,8 @@ def base_rows(run: Run, scores: dict[str, Any]) -> list[dict[str, Any]]:
     if "log_ppl_user" in scores:
         for row, lp in zip(rows, scores["log_ppl_user"].tolist()):
             row["log_ppl_user"] = lp
-    add_answer_fields(run, rows, run.answer_bpb() if run.answers is not None else {}, "_base")
+    if answers:
+        add_answer_fields(run, rows, run.answer_bpb() if run.answers is not None else {}, "_base")
     return rows
 
 
