@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.extras.logging import get_logger
 from transformers import EvalPrediction
 
 from tlm_plugin.train.backend import (
@@ -28,6 +29,7 @@ from tlm_plugin.train.backend import (
 
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
+logger = get_logger(__name__)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,11 +120,26 @@ def prediction_lines(tokenizer, prompts, answers, labels, skip_special_tokens: b
     ]
 
 
+METRIC_PACKAGES = {"jieba": "jieba", "nltk": "nltk", "rouge_chinese": "rouge-chinese"}
+
+
 def similarity_metrics(tokenizer, answers: list[list[int]], labels: list[list[int]]) -> dict[str, float]:
-    """LLaMA-Factory's predict metrics (ROUGE-1/2/L, BLEU-4 x 100, means over rows) of these answers."""
+    """LLaMA-Factory's predict metrics (ROUGE-1/2/L, BLEU-4 x 100, means over rows) of these answers; empty, with one
+    warning, where the packages LLaMA-Factory computes them with are missing (the predictions are written anyway)."""
+    import importlib.util
+
     from llamafactory.train.sft.metric import ComputeSimilarity
 
     if not answers:
+        return {}
+    missing = [pip for module, pip in METRIC_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        if not getattr(similarity_metrics, "warned", False):
+            similarity_metrics.warned = True
+            logger.warning(
+                f"ROUGE / BLEU of the answers are left out: LLaMA-Factory computes them with {', '.join(missing)}, "
+                f"which is not installed (pip install {' '.join(missing)})."
+            )
         return {}
     pad = tokenizer.pad_token_id
     width_p = max(1, max(len(a) for a in answers))
