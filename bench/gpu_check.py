@@ -646,7 +646,7 @@ def build_models(ctx) -> None:
     import torch
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from tlm_plugin.selectors.generate import DEFAULT_PROMPT
     from tlm_plugin.train.data import Encoder
@@ -668,19 +668,7 @@ def build_models(ctx) -> None:
         for r in demo
     ]
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    config = llama_config(tokenizer, hidden=128, intermediate=384, layers=2, heads=4, kv_heads=2, tied=False)
     model = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = 8  # half known prompts, half example-writing prompts with the one reply
@@ -704,22 +692,29 @@ def build_models(ctx) -> None:
     model.save_pretrained(ctx.model)
     tokenizer.save_pretrained(ctx.model)
     if not CPU["on"]:
-        big = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-        )
+        big = llama_config(tokenizer, hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=8, tied=True)
         with torch.device("cuda"):
             LlamaForCausalLM(big).to(torch.bfloat16).save_pretrained(ctx.big_model)
         tokenizer.save_pretrained(ctx.big_model)
+
+
+def llama_config(tokenizer, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool):
+    """A Llama-shaped config over the demo tokenizer's vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tied,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 def _content(row: dict) -> str:
@@ -823,27 +818,11 @@ def case_fp16_online(ctx) -> str:
     )
 
 
-DS_SECTIONS = {
-    "optimizer": {
-        "type": "AdamW",
-        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
-    },
-    "scheduler": {
-        "type": "WarmupDecayLR",
-        "params": {
-            "warmup_min_lr": "auto",
-            "warmup_max_lr": "auto",
-            "warmup_num_steps": "auto",
-            "total_num_steps": "auto",
-            "warmup_type": "linear",
-        },
-    },
-}
-
-
 def _deepspeed(ctx, stage: int) -> str:
+    # the stage's config with DeepSpeed's own optimizer and scheduler (`auto` values), as users often write it
     config = read_json(ctx.repo_files / "deepspeed" / f"ds_z{stage}.json")
-    config.update(DS_SECTIONS)
+    own = read_json(ctx.repo_files / "deepspeed" / "ds_z3_own_optimizer.json")
+    config.update(optimizer=own["optimizer"], scheduler=own["scheduler"])
     path = ctx.work / f"ds_z{stage}.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     recipe = base_recipe(

@@ -30,14 +30,6 @@ DS_ENV = {"DS_ACCELERATOR": "cpu", "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"}
 WORKER = Path(__file__).with_name("patched_worker.py")
 
 
-def ds_config(tmp_path: Path, stage: int, **sections) -> str:
-    config = json.loads((REPO / "recipes" / "deepspeed" / f"ds_z{stage}.json").read_text())
-    config.update(sections)
-    path = tmp_path / f"ds_z{stage}_custom.json"
-    path.write_text(json.dumps(config), encoding="utf-8")
-    return str(path)
-
-
 def summary(out: Path) -> dict:
     return json.loads((out / "tlm_summary.json").read_text())
 
@@ -54,24 +46,9 @@ def test_a_config_with_its_own_optimizer_and_scheduler_trains_under_zero3(tiny_m
     plain = tmp_path / "plain"
     proc = run_cli(base_recipe(tiny_model, tiny_data, plain, **common), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sections = {
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
-        },
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": "auto",
-                "warmup_max_lr": "auto",
-                "warmup_num_steps": "auto",
-                "total_num_steps": "auto",
-                "warmup_type": "linear",
-            },
-        },
-    }
     out = tmp_path / "ds"
-    recipe = base_recipe(tiny_model, tiny_data, out, deepspeed=ds_config(tmp_path, 3, **sections), **common)
+    config = str(REPO / "recipes" / "deepspeed" / "ds_z3_own_optimizer.json")  # optimizer + WarmupDecayLR, `auto`
+    recipe = base_recipe(tiny_model, tiny_data, out, deepspeed=config, **common)
     proc = run_cli(recipe, tmp_path, extra_env=DS_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = summary(plain), summary(out)
