@@ -158,10 +158,9 @@ def test_a_bundle_for_another_python_or_a_torn_copy_is_refused(tmp_path):
         gpu_check.install(tmp_path, tmp_path / "site", tmp_path / "unpacked")
 
 
-def test_predictions_without_the_metric_packages_leave_the_metrics_out(monkeypatch):
+def test_predictions_without_the_metric_packages_leave_the_metrics_out(monkeypatch, caplog):
     from tlm_plugin.train import generation
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real(name, *a))
+    monkeypatch.setattr(generation, "METRIC_PACKAGES", {"tlm_no_such_module": "tlm-no-such-package"})
     monkeypatch.setattr(generation.similarity_metrics, "warned", False, raising=False)
     assert generation.similarity_metrics(None, [[1, 2]], [[1, 2]]) == {}
