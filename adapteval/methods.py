@@ -158,7 +158,7 @@ register_method(
         {
             **TLM_ADAPT,
             "tlm_selector": "sift",
-            "tlm_reset": "prompt",
+            "tlm_mode": "per_prompt",
             "tlm_sift_budget": 4,
             "lr_scheduler_type": "constant",
         },
@@ -192,14 +192,13 @@ register_method(
 # 5 epochs, answers and is restored. TT-D takes a stronger teacher (``adapteval run --teacher MODEL_OR_URL``).
 _TTSI = {
     **TLM_ADAPT,
-    "tlm_reset": "prompt",
+    "tlm_mode": "per_prompt",
     "tlm_selector": "generate",
     "tlm_gate": "margin",
     "tlm_gate_tau": 0.95,
     "tlm_generate_k": 1,
     "tlm_prompt_epochs": 5,
-    "lr_scheduler_type": "cosine",
-    "warmup_ratio": 0.03,
+    "lr_scheduler_type": "cosine",  # over the prompt's own steps, without warm-up (tlm_prompt_warmup_steps: 0)
     "learning_rate": 1.0e-4,  # the paper's LoRA: r 8, alpha 16, every linear layer
     "lora_target": "all",
 }
@@ -221,7 +220,7 @@ register_method(
             **{
                 k: v
                 for k, v in _TTSI.items()
-                if k not in ("tlm_prompt_epochs", "lr_scheduler_type", "warmup_ratio", "learning_rate", "lora_target")
+                if k not in ("tlm_prompt_epochs", "lr_scheduler_type", "learning_rate", "lora_target")
             },
             "tlm_generator": "self",
             "tlm_generate_use": "icl",
@@ -246,14 +245,13 @@ register_method(
         "few-shot TTT: learn the prompt's demonstrations (40 orders, loss on every answer), answer, restore",
         {
             **TLM_ADAPT,
-            "tlm_reset": "prompt",
+            "tlm_mode": "per_prompt",
             "tlm_selector": "demos",
             "tlm_demo_orders": 40,
             "tlm_demo_format": "all",
             "tlm_prompt_epochs": 1,
             "per_device_train_batch_size": 5,
             "lr_scheduler_type": "cosine",
-            "warmup_ratio": 0.1,
             "learning_rate": 1.0e-4,
         },
     )

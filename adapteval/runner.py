@@ -240,7 +240,8 @@ def vllm_installed() -> bool:
 def predicts_separately(recipe: Mapping[str, Any]) -> bool:
     """Whether a cell's answers can come after its adaptation (offline), not in between updates (online, per
     prompt)."""
-    return recipe.get("tlm_mode", "offline") != "online" and recipe.get("tlm_reset", "never") != "prompt"
+    per_prompt = recipe.get("tlm_mode") == "per_prompt" or recipe.get("tlm_reset") == "prompt"
+    return recipe.get("tlm_mode", "offline") != "online" and not per_prompt
 
 
 # ----------------------------------------------------------------------------------------------------------------

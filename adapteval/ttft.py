@@ -3,7 +3,7 @@
 The experiment of Hübotter et al. (ICLR 2025) on AdaptEval files: for each data file, ``test_rows`` rows (a seeded
 sample) are the test prompts and every other row of the file (prompt and answer) is the pool; a test row is never in
 its own pool. Per test prompt, ``sift``, ``nearest`` and ``random`` pick ``budget`` pool rows, take one gradient step
-per pick, measure the prompt's reference answer and restore the adapter (``tlm_reset: prompt``); ``tlm`` adapts
+per pick, measure the prompt's reference answer and restore the adapter (``tlm_mode: per_prompt``); ``tlm`` adapts
 offline on the test prompts themselves; ``base`` is the unadapted model. Every cell is one ``llamafactory-cli train``
 run; the measure is teacher-forced, so no answer is generated.
 
@@ -41,7 +41,7 @@ METHODS = ("base", "sift", "nearest", "random", "tlm")
 DEFAULT_BUDGET = 10
 DEFAULT_TEST_ROWS = 48
 # The per-prompt setting of the SIFT paper: one step per picked row, batch 1, a constant learning rate.
-PER_PROMPT = {"tlm_reset": "prompt", "tlm_prompt_epochs": 1, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}
+PER_PROMPT = {"tlm_mode": "per_prompt", "tlm_prompt_epochs": 1, "lr_scheduler_type": "constant", "warmup_ratio": 0.0}
 BASE_RECIPE: dict[str, Any] = {
     "trust_remote_code": False,
     "finetuning_type": "lora",

@@ -80,7 +80,7 @@ def test_wrongly_typed_chunk_size_names_the_key_even_with_an_integer_float():
         ({"tlm_selector": "nearest", "tlm_sift_alpha": 1.0}, "tlm_sift_alpha"),
         ({"tlm_entropy_tokens": 20}, "tlm_entropy_tokens"),  # objective is perplexity
         ({"tlm_prompt_epochs": 2}, "tlm_prompt_epochs"),  # not per prompt
-        ({"tlm_selector": "sift", "tlm_reset": "prompt", "tlm_log_p0": 2.0}, "tlm_log_p0"),
+        ({"tlm_selector": "sift", "tlm_mode": "per_prompt", "tlm_log_p0": 2.0}, "tlm_log_p0"),
     ],
 )
 def test_settings_that_would_do_nothing_are_refused_naming_the_key(recipe, key):
@@ -92,7 +92,7 @@ def test_settings_that_matter_in_their_mode_are_accepted():
     for recipe in (
         {"tlm_mode": "online", "tlm_chunk_size": 10, "tlm_select_fraction": 0.5},
         {"tlm_selector": "sift", "tlm_sift_budget": 5, "tlm_log_p0": 2.0, "tlm_lambda": 0.2},
-        {"tlm_selector": "random", "tlm_reset": "prompt", "tlm_sift_budget": 3, "tlm_prompt_epochs": 2},
+        {"tlm_selector": "random", "tlm_mode": "per_prompt", "tlm_sift_budget": 3, "tlm_prompt_epochs": 2},
         {"tlm_objective": "eata", "tlm_eata_e0": 0.5, "tlm_entropy_tokens": 16},
     ):
         patch.split_args({"stage": "tlm", **recipe})

@@ -180,7 +180,7 @@ TTSI_RECIPES = sorted((REPO / "recipes" / "ttsi").glob("*.yaml"))
 def test_ttsi_recipes_carry_the_papers_settings(path, tmp_path):
     """LoRA r 8 / alpha 16 on every linear layer, lr 1e-4, 5 epochs, batch 1, cosine, warm-up 0.03, tau 0.95, K 1."""
     tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
-    assert (tlm_args.tlm_reset, tlm_args.tlm_selector, tlm_args.tlm_gate) == ("prompt", "generate", "margin")
+    assert (tlm_args.tlm_mode, tlm_args.tlm_selector, tlm_args.tlm_gate) == ("per_prompt", "generate", "margin")
     assert (tlm_args.tlm_gate_tau, tlm_args.tlm_generate_k, tlm_args.tlm_prompt_epochs) == (0.95, 1, 5)
     assert (finetuning_args.lora_rank, finetuning_args.lora_alpha, finetuning_args.lora_target) == (8, 16, ["all"])
     assert training_args.learning_rate == 1e-4 and training_args.warmup_ratio == 0.03
@@ -196,7 +196,7 @@ def test_fewshot_recipe_carries_the_papers_bbh_settings(tmp_path):
     """r 64, alpha 64, dropout 0.05, lr 1e-4, one epoch, batch 5, 40 orders, q/v/o and the MLP (Akyürek et al.)."""
     path = REPO / "recipes" / "fewshot" / "llama3.1_8b_instruct_fewshot_ttt.yaml"
     tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
-    assert (tlm_args.tlm_reset, tlm_args.tlm_selector, tlm_args.tlm_demo_orders) == ("prompt", "demos", 40)
+    assert (tlm_args.tlm_mode, tlm_args.tlm_selector, tlm_args.tlm_demo_orders) == ("per_prompt", "demos", 40)
     assert tlm_args.tlm_demo_format == "all" and tlm_args.tlm_prompt_epochs == 1
     assert (finetuning_args.lora_rank, finetuning_args.lora_alpha, finetuning_args.lora_dropout) == (64, 64, 0.05)
     assert set(finetuning_args.lora_target) == {"q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

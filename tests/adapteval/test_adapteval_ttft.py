@@ -99,7 +99,7 @@ def test_cells_are_planned_run_once_resumed_and_reported(tmp_path, monkeypatch):
     by = dict(fake.recipes)
     for method in ("sift", "nearest", "random"):
         r = by[method]
-        assert (r["tlm_reset"], r["tlm_sift_budget"], r["tlm_pool_dataset"]) == ("prompt", 3, "qa_pool")
+        assert (r["tlm_mode"], r["tlm_sift_budget"], r["tlm_pool_dataset"]) == ("per_prompt", 3, "qa_pool")
         assert (r["tlm_prompt_epochs"], r["lr_scheduler_type"], r["per_device_train_batch_size"]) == (1, "constant", 1)
         assert r["dataset"] == "qa_test" and r["tlm_eval_answers"] is True
         assert r["tlm_selector"] == method

@@ -27,7 +27,7 @@ needs_deepspeed = pytest.mark.skipif(
 MODES = {
     "offline": dict(tlm_log_p0=5.99),
     "online": dict(tlm_mode="online", tlm_chunk_size=5, tlm_log_p0=5.99, lr_scheduler_type="constant"),
-    "per_prompt": dict(tlm_selector="sift", tlm_reset="prompt", tlm_sift_budget=2, learning_rate=1e-2),
+    "per_prompt": dict(tlm_selector="sift", tlm_mode="per_prompt", tlm_sift_budget=2, learning_rate=1e-2),
 }
 _plain: dict[str, Path] = {}
 

@@ -56,7 +56,7 @@ def test_demonstrations_from_the_default_pattern_and_a_custom_one():
 )
 def test_a_malformed_pattern_is_a_clear_error_naming_tlm_demo_pattern(pattern, match):
     with pytest.raises(TLMConfigError, match=f"tlm_demo_pattern.*{match}"):
-        patch.split_args({"stage": "tlm", "tlm_reset": "prompt", "tlm_selector": "demos", "tlm_demo_pattern": pattern})
+        patch.split_args({"stage": "tlm", "tlm_mode": "per_prompt", "tlm_selector": "demos", "tlm_demo_pattern": pattern})
 
 
 def test_orders_votes_and_task_keys():
@@ -143,7 +143,7 @@ def test_tasks_train_once_and_prompts_without_demonstrations_do_not_train(tiny_m
             data,
             out,
             tlm_selector="demos",
-            tlm_reset="prompt",
+            tlm_mode="per_prompt",
             tlm_demo_orders=4,
             do_predict=True,
             learning_rate=1e-2,
@@ -174,7 +174,7 @@ def test_per_prompt_demos_restore_exactly_and_vote(tiny_model, tmp_path):
     write_dataset(data, rows[::-1], name="reversed", columns=HISTORY_COLUMNS)
     common = dict(
         tlm_selector="demos",
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_demo_orders=3,
         tlm_demo_cache=False,
         tlm_demo_votes=3,
@@ -203,7 +203,7 @@ def test_demos_under_torchrun_answer_every_prompt_once(tiny_model, tmp_path):
     data = write_dataset(tmp_path / "data", rows, columns=HISTORY_COLUMNS)
     out = tmp_path / "out"
     recipe = base_recipe(
-        tiny_model, data, out, tlm_selector="demos", tlm_reset="prompt", tlm_demo_orders=2, do_predict=True
+        tiny_model, data, out, tlm_selector="demos", tlm_mode="per_prompt", tlm_demo_orders=2, do_predict=True
     )
     proc = run_cli(recipe, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -80,7 +80,7 @@ def test_per_prompt_fp16_counts_overflows_and_carries_the_loss_scale(tiny_model,
         out,
         fp16=True,
         tlm_selector="nearest",
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_sift_budget=4,
         learning_rate=1e-2,
     )
@@ -102,7 +102,7 @@ def test_per_prompt_before_and_after_are_one_measurement(tiny_model, tiny_data, 
         tiny_data,
         out,
         tlm_selector="nearest",
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_sift_budget=2,
         learning_rate=0.0,
         tlm_eval_answers=True,
@@ -199,3 +199,20 @@ def test_fsdp_is_prepared_before_training_as_transformers_prepares_it(version, m
     else:  # the PEFT wrap policy first, then the model alone (the optimizer is made from the sharded model)
         assert trainer.accelerator.calls == [("Linear",)] and trainer.optimizer is None
         assert plugin_updates == [trainer]
+
+
+def test_per_prompt_schedules_start_at_the_full_learning_rate(tiny_model, tiny_data, tmp_path):
+    """The recipe's warm-up (here half the run) is for whole runs; each prompt's own linear schedule starts at the
+    recipe's rate unless tlm_prompt_warmup_steps asks for a warm-up."""
+    common = dict(tlm_selector="nearest", tlm_mode="per_prompt", tlm_sift_budget=4, learning_rate=1e-2)
+    out = tmp_path / "plain"
+    run_in_process(base_recipe(tiny_model, tiny_data, out, lr_scheduler_type="linear", warmup_ratio=0.5, **common))
+    records = read_jsonl(out / "tlm_sift_selection.jsonl")
+    assert all(r["step_lrs"][0] == pytest.approx(1e-2) for r in records)
+    assert all(r["step_lrs"] == sorted(r["step_lrs"], reverse=True) for r in records)  # linear decay, per prompt
+    warm = tmp_path / "warm"
+    run_in_process(
+        base_recipe(tiny_model, tiny_data, warm, lr_scheduler_type="linear", tlm_prompt_warmup_steps=2, **common)
+    )
+    records = read_jsonl(warm / "tlm_sift_selection.jsonl")
+    assert all(r["step_lrs"][0] == 0.0 and r["step_lrs"][2] > r["step_lrs"][1] > 0 for r in records)

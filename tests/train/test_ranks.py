@@ -80,7 +80,7 @@ def fewshot_recipe(tiny_model, data: Path, out: Path, **overrides) -> dict:
     settings = dict(
         dataset="fewshot",
         do_predict=True,
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_selector="demos",
         tlm_demo_orders=4,
         tlm_demo_votes=3,
@@ -129,7 +129,7 @@ def test_a_gate_that_flags_one_ranks_prompts_only(tiny_model, tmp_path):
         out,
         dataset="gated",
         do_predict=True,
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_selector="nearest",
         tlm_sift_budget=2,
         tlm_gate="margin",

@@ -43,7 +43,7 @@ def refused(recipe: dict, match: str) -> None:
         ({"use_dft_loss": True}, "use_dft_loss"),
         ({"use_asft_loss": True}, "use_asft_loss"),
         ({"val_size": 0.2}, "val_size"),
-        ({"tlm_reset": "prompt", "tlm_selector": "sift", "do_train": False}, "do_train"),
+        ({"tlm_mode": "per_prompt", "tlm_selector": "sift", "do_train": False}, "do_train"),
         ({"tlm_mode": "online", "num_train_epochs": 2.0}, "num_train_epochs"),
     ],
 )

@@ -66,7 +66,7 @@ def test_per_prompt_run_killed_resumes_at_the_first_unanswered_prompt(tiny_model
         dataset="big",
         do_predict=True,
         tlm_selector="nearest",
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_sift_budget=2,
         learning_rate=1e-2,
         max_new_tokens=16,

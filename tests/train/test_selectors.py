@@ -1,7 +1,8 @@
 import torch
 
 from tlm_plugin.hparams import TLMArguments
-from tlm_plugin.selectors import SELECTORS, Selector, register_selector
+from tlm_plugin import registry
+from tlm_plugin.selectors import Selector
 from tlm_plugin.selectors.perplexity import PerplexitySelector, RandomSelector
 from tlm_plugin.train.setup import build_selector
 
@@ -60,28 +61,57 @@ def test_selector_state_round_trips_for_resumed_streams():
     assert a.log_p0_used == b.log_p0_used
 
 
-def test_registry_accepts_a_new_selector():
-    @register_selector("test-top1")
-    class Top1(Selector):
-        def weights(self, log_ppl):
-            out = torch.zeros_like(log_ppl)
-            out[log_ppl.argmax()] = 1.0
-            return out
+class Top1(Selector):
+    """A method of the tests' own: weight 1 on the most perplexing prompt."""
 
+    def weights(self, log_ppl):
+        out = torch.zeros_like(log_ppl)
+        out[log_ppl.argmax()] = 1.0
+        return out
+
+
+def test_a_new_method_is_one_class_and_one_registration():
+    registry.register_method("test-top1", "the top prompt", offline=registry.Impl("weights", f"{__name__}:Top1"))
     try:
-        w = build_selector(TLMArguments(tlm_selector="test-top1")).weights(LOG_PPL)
+        args = TLMArguments(tlm_selector="test-top1")
+        w = build_selector(args).weights(LOG_PPL)
         assert w.tolist().index(1.0) == 4
+        # its settings follow from the registration: the pool settings do nothing, lambda too (not perplexity)
+        assert "tlm_sift_budget" in args.inert_settings() and "tlm_lambda" in args.inert_settings()
     finally:
-        SELECTORS.pop("test-top1")
+        registry.METHODS.pop("test-top1")
 
 
-def test_selectors_package_does_not_import_the_settings():
-    import ast
-    from pathlib import Path
+def test_selectors_are_built_from_plain_values_only():
+    """Weighting and pool selectors take numbers; no constructor takes the run's settings object."""
+    import inspect
 
-    import tlm_plugin.selectors as pkg
+    for method in registry.METHODS.values():
+        for found in method.impls.values():
+            if found.kind == "source":
+                continue
+            cls = registry.load(found.cls)
+            init = next(c.__init__ for c in cls.__mro__ if "__init__" in c.__dict__ and not _forwards(c.__init__))
+            named = [p.name for p in inspect.signature(init).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+            assert not set(named) & {"run", "tlm_args", "settings", "args", "trainer"}, found.cls
+            assert len(named) > 1, found.cls  # self and the plain values
 
-    for path in Path(pkg.__file__).parent.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-        assert not any(name.startswith("tlm_plugin.hparams") for name in names), path.name
+
+def test_data_sources_receive_only_their_own_settings():
+    """A per-prompt source gets the fields of its method's group and nothing else (no P0, no lambda, no run)."""
+    args = TLMArguments(tlm_mode="per_prompt", tlm_selector="generate", tlm_generate_k=3)
+    view = args.method_settings()
+    assert view.tlm_generate_k == 3
+    assert all(name.startswith(("tlm_generate", "tlm_generator")) for name in vars(view))
+    for foreign in ("tlm_lambda", "tlm_log_p0", "tlm_demo_orders", "tlm_prompt_epochs"):
+        assert not hasattr(view, foreign)
+    demos = TLMArguments(tlm_mode="per_prompt", tlm_selector="demos").method_settings()
+    assert all(name.startswith("tlm_demo_") for name in vars(demos))
+
+
+def _forwards(init) -> bool:
+    """An ``__init__(self, *args, **kwargs)`` that only passes its arguments on to the base class."""
+    import inspect
+
+    kinds = {p.kind for p in inspect.signature(init).parameters.values()}
+    return inspect.Parameter.VAR_POSITIONAL in kinds

@@ -45,7 +45,7 @@ def test_per_prompt_adapts_answers_and_restores_exactly(tiny_model, tmp_path):
     write_dataset(data, [{"instruction": f"Note: {q}", "input": "", "output": a} for q, a in QUESTIONS], name="pool")
     common = dict(
         tlm_selector="sift",
-        tlm_reset="prompt",
+        tlm_mode="per_prompt",
         tlm_sift_budget=3,
         tlm_pool_dataset="pool",
         do_predict=True,
@@ -85,7 +85,7 @@ def test_per_prompt_uses_the_recipes_optimizer(tiny_model, tmp_path):
     losses = {}
     for optim in ("sgd", "adamw_torch"):
         out = tmp_path / optim
-        common = dict(tlm_selector="nearest", tlm_reset="prompt", tlm_sift_budget=3, learning_rate=0.5, optim=optim)
+        common = dict(tlm_selector="nearest", tlm_mode="per_prompt", tlm_sift_budget=3, learning_rate=0.5, optim=optim)
         run_in_process(base_recipe(tiny_model, data, out, **common))
         losses[optim] = [line["step_losses"] for line in read_jsonl(out / "tlm_sift_selection.jsonl")]
     assert all(a[0] == b[0] for a, b in zip(losses["sgd"], losses["adamw_torch"]))  # same start
@@ -149,7 +149,7 @@ def test_missing_pool_dataset_is_a_clear_error(tiny_model, tiny_data, tmp_path):
 def test_per_prompt_under_torchrun_answers_every_prompt_once(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
     recipe = base_recipe(
-        tiny_model, tiny_data, out, tlm_selector="nearest", tlm_reset="prompt", tlm_sift_budget=2, do_predict=True
+        tiny_model, tiny_data, out, tlm_selector="nearest", tlm_mode="per_prompt", tlm_sift_budget=2, do_predict=True
     )
     proc = run_cli(recipe, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]

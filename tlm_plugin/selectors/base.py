@@ -1,9 +1,8 @@
-"""The selector registry: which test prompts (or pool rows) test-time learning uses, and with which weight.
+"""The base classes of the methods (``tlm_selector``, registered in :mod:`tlm_plugin.registry`).
 
-Selectors are built from plain values (numbers, strings), never from the run's settings object, so this package
-depends only on the pure loss functions; :func:`tlm_plugin.train.setup.build_selector` maps ``tlm_*`` settings to
-them.
-Two kinds share the registry:
+Weighting and pool selectors are built from plain values (numbers, strings), never from the run's settings object;
+:func:`tlm_plugin.train.setup.build_selector` maps ``tlm_*`` settings to them. Per-prompt data sources receive a
+:class:`PromptContext`. The kinds:
 
 - :class:`Selector` weights prompts by their log-perplexity (TLM's S(x) and its controls);
 - :class:`~tlm_plugin.selectors.pool.PoolSelector` picks pool rows by embedding (SIFT, nearest neighbours, random),
@@ -11,10 +10,13 @@ Two kinds share the registry:
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from tlm_plugin.seeding import prompt_seed
+from tlm_plugin.train.outputs import PROMPT_RECORDS_FILE
 
 
 class Selector(ABC):
@@ -46,33 +48,39 @@ class Selector(ABC):
         self.log_p0_used = state["log_p0_used"]
 
 
-SELECTORS: dict[str, type] = {}
+@dataclass
+class PromptContext:
+    """What a per-prompt data source may use (never the whole run): its own settings group (only those fields),
+    the prompts and LLaMA-Factory's aligned rows behind them, the encoder of new conversations, the model being
+    adapted in its starting state (TT-SI's own generator), where it runs, and the run's seed."""
 
+    settings: Any  # the fields of the method's own settings group (TLMArguments.method_settings)
+    prompts: Any  # datasets.Dataset: input_ids, loss_mask, index
+    aligned: Any  # datasets.Dataset: _prompt, _response, _system, _tools
+    encoder: Any  # tlm_plugin.train.data.Encoder
+    tokenizer: Any
+    model: Any
+    device: Any
+    dtype: Any
+    seed: int
 
-def register_selector(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        if name in SELECTORS:
-            raise ValueError(f"A selector named {name!r} is already registered.")
-        cls.name = name
-        SELECTORS[name] = cls
-        return cls
-
-    return wrap
+    def prompt_seed(self, index: int) -> int:
+        return prompt_seed(self.seed, self.prompts[index]["input_ids"])
 
 
 class PromptDataSource(ABC):
-    """Turns one test prompt into the rows a per-prompt update trains on (``tlm_reset: prompt``).
+    """Turns one test prompt into the rows a per-prompt update trains on (``tlm_mode: per_prompt``).
 
     The per-prompt loop (:mod:`tlm_plugin.train.per_prompt`) is the same for every source: gate, ``rows(index)``,
     training steps, answer, restore. A source is one more registry entry; it never runs its own loop.
     """
 
     name: str = ""
-    record_file: str = "tlm_prompt_records.jsonl"  # the per-prompt records of this source, in dataset order
+    record_file: str = PROMPT_RECORDS_FILE  # the per-prompt records of this source, in dataset order
     measure_data_loss: bool = False  # record the loss on the training rows before / after the steps
 
-    def prepare(self, run) -> None:  # noqa: B027  (optional hook)
-        """Once per run, on every rank together (collective no-grad passes are allowed here)."""
+    def prepare(self, ctx: PromptContext) -> None:  # noqa: B027  (optional hook)
+        """Once per run, on every rank together."""
 
     def cache_key(self, index: int) -> str | None:
         """Prompts with the same key learn the same thing: the adapter trained for the first is reused (None: no

@@ -18,7 +18,9 @@ import random
 import re
 from typing import Any
 
-from tlm_plugin.selectors.base import PromptDataSource, register_selector
+from tlm_plugin.selectors.base import PromptDataSource
+from tlm_plugin.settings.demos import compile_pattern
+from tlm_plugin.train.outputs import DEMOS_FILE
 
 
 DEFAULT_PATTERN = r"(?ms)^Q:[ \t]*(?P<input>.+?)\s*^A:[ \t]*(?P<output>\S.*?)\s*(?=^Q:|\Z)"
@@ -42,18 +44,6 @@ def demos_from_pattern(text: str, pattern: re.Pattern) -> tuple[list[tuple[str, 
         return [], text, ""
     demos = [(m.group("input").strip(), m.group("output").strip()) for m in matches]
     return demos, text[: matches[0].start()].strip(), text[matches[-1].end() :].strip()
-
-
-def compile_pattern(pattern: str) -> re.Pattern:
-    """``tlm_demo_pattern`` compiled; ValueError naming the problem (no groups input/output, bad syntax)."""
-    try:
-        compiled = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"tlm_demo_pattern {pattern!r} is not a valid regular expression: {err}") from err
-    missing = {"input", "output"} - set(compiled.groupindex)
-    if missing:
-        raise ValueError(f"tlm_demo_pattern {pattern!r} needs the named groups (?P<input>...) and (?P<output>...)")
-    return compiled
 
 
 def task_key(system: str | None, instruction: str, demos: list[tuple[str, str]]) -> str:
@@ -85,22 +75,21 @@ def majority(answers: list[str]) -> str:
     return answers[first[best]]
 
 
-@register_selector("demos")
 class DemoSource(PromptDataSource):
     """The prompt's own demonstrations as training sequences (all answers, or leave-one-out)."""
 
-    record_file = "tlm_demos.jsonl"
+    record_file = DEMOS_FILE
     measure_data_loss = True
 
-    def prepare(self, run) -> None:
-        a = run.tlm_args
-        self.run = run
+    def prepare(self, ctx) -> None:
+        a = ctx.settings
+        self.ctx = ctx
         self.pattern = compile_pattern(a.tlm_demo_pattern)
         self.n_orders, self.format, self.votes = a.tlm_demo_orders, a.tlm_demo_format, a.tlm_demo_votes
 
     def split(self, index: int) -> dict[str, Any]:
         """The prompt's demonstrations, where they came from, and how to rebuild the prompt around them."""
-        row = self.run.aligned[index]
+        row = self.ctx.aligned[index]
         messages = list(row["_prompt"])
         demos, rest = demos_from_history(messages)
         if demos:
@@ -136,14 +125,12 @@ class DemoSource(PromptDataSource):
         return task_key(split["row"]["_system"], split["instruction"], split["demos"])
 
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from tlm_plugin.train.per_prompt import prompt_seed
-
-        run, split = self.run, self.split(index)
+        ctx, split = self.ctx, self.split(index)
         demos, row = split["demos"], split["row"]
         system, tools = row["_system"] or None, row["_tools"] or None
         fields: dict[str, Any] = {"n_demos": len(demos), "demo_source": split["source"]}
         if self.votes > 1 and len(demos) >= 2:
-            seed = prompt_seed(run, index) + 1
+            seed = ctx.prompt_seed(index) + 1
             others = orders(len(demos), self.votes - 1, seed)
             fields["vote_messages"] = [self.conversation(split, order, split["query"]) for order in others]
             if split["source"] == "pattern":  # rebuild single-turn prompts as the demonstrations were given
@@ -153,18 +140,18 @@ class DemoSource(PromptDataSource):
             return [], fields
         fields["status"] = "ok"
         sequences = []
-        for i, order in enumerate(orders(len(demos), self.n_orders, prompt_seed(run, index))):
+        for i, order in enumerate(orders(len(demos), self.n_orders, ctx.prompt_seed(index))):
             if split["source"] == "pattern":  # the prompt's own single-turn form, blocks reordered
                 targets = order if self.format == "all" else [order[i % len(order)]]
                 context = order if self.format == "all" else [k for k in order if k != targets[0]] + targets
                 sequences.append(self._pattern_sequence(split, context, targets))
                 continue
             if self.format == "all":  # every demonstration answer is a target
-                ids, mask = run.encoder.conversation(self.conversation(split, order), system, tools)
+                ids, mask = ctx.encoder.conversation(self.conversation(split, order), system, tools)
             else:  # leave one out: the others as context, the loss on the held-out answer only
                 held = order[i % len(order)]
                 context = [k for k in order if k != held]
-                encoded = run.encoder.exchange(
+                encoded = ctx.encoder.exchange(
                     self.conversation(split, context, demos[held][0]), demos[held][1], system, tools
                 )
                 if encoded is None:
@@ -190,14 +177,14 @@ class DemoSource(PromptDataSource):
             body += block if block.endswith("\n") else block + "\n"
         messages = list(row["_prompt"][:-1]) + [{"role": "user", "content": body.rstrip()}]
         ids, mask = spans_mask(
-            self.run.encoder.template,
-            self.run.encoder.tokenizer,
+            self.ctx.encoder.template,
+            self.ctx.encoder.tokenizer,
             messages,
             spans,
             row["_system"] or None,
             row["_tools"] or None,
         )
-        cutoff = self.run.encoder.cutoff_len
+        cutoff = self.ctx.encoder.cutoff_len
         return {"input_ids": ids[:cutoff], "loss_mask": mask[:cutoff]}
 
     def loss_rows(self, index: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,7 +196,7 @@ class DemoSource(PromptDataSource):
         if split["source"] == "pattern":
             return [self._pattern_sequence(split, given, given)]
         row = split["row"]
-        ids, mask = self.run.encoder.conversation(
+        ids, mask = self.ctx.encoder.conversation(
             self.conversation(split, given), row["_system"] or None, row["_tools"] or None
         )
         return [{"input_ids": ids, "loss_mask": mask}]

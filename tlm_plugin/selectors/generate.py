@@ -18,7 +18,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tlm_plugin.selectors.base import PromptDataSource, register_selector
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tlm_plugin.seam import without_hf_deepspeed_config
+from tlm_plugin.selectors.base import PromptDataSource
+from tlm_plugin.train.outputs import GENERATED_FILE
 
 
 DEFAULT_PROMPT = """Here is a task that someone asked:
@@ -150,8 +155,6 @@ class ModelGenerator:
         self.model, self.tokenizer, self.device, self.chat = model, tokenizer, device, chat
 
     def __call__(self, text: str, temperature: float, top_p: float, max_tokens: int, seed: int) -> str:
-        import torch
-
         ids = self.chat(text)
         torch.manual_seed(seed)
         was_training = self.model.training
@@ -175,10 +178,6 @@ class ModelGenerator:
 
 def load_teacher(name: str, device, dtype):
     """A local folder or hub id as a ModelGenerator, with its own tokenizer and chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tlm_plugin.seam import without_hf_deepspeed_config
-
     tokenizer = AutoTokenizer.from_pretrained(name)
     with without_hf_deepspeed_config():  # whole on this rank: no ZeRO-3 partitions that no engine would gather
         model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=dtype).to(device).eval()
@@ -199,54 +198,39 @@ def is_endpoint(generator: str) -> bool:
 # The data source
 
 
-@register_selector("generate")
 class GenerateSource(PromptDataSource):
     """Examples written by the generator for each flagged prompt: training rows, or demonstrations (``icl``)."""
 
-    record_file = "tlm_generated.jsonl"
+    record_file = GENERATED_FILE
     measure_data_loss = True
 
-    def prepare(self, run) -> None:
-        a = run.tlm_args
-        self.run, self.k, self.use = run, a.tlm_generate_k, a.tlm_generate_use
+    def prepare(self, ctx) -> None:
+        a = ctx.settings
+        self.ctx, self.k, self.use = ctx, a.tlm_generate_k, a.tlm_generate_use
         self.sampling = (a.tlm_generate_temperature, a.tlm_generate_top_p, a.tlm_generate_max_tokens)
         self.template_text = DEFAULT_PROMPT
         if a.tlm_generate_prompt:
             with open(a.tlm_generate_prompt, encoding="utf-8") as f:
                 self.template_text = f.read()
-        trainer = run.trainer
         if a.tlm_generator == "self":
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            encoder = run.encoder
+            encoder = ctx.encoder
             self.generator = ModelGenerator(
-                model,
-                trainer.processing_class,
-                run.training_args.device,
-                lambda t: encoder.prompt_ids([{"role": "user", "content": t}]),
+                ctx.model, ctx.tokenizer, ctx.device, lambda t: encoder.prompt_ids([{"role": "user", "content": t}])
             )
         elif is_endpoint(a.tlm_generator):
             self.generator = EndpointGenerator(a.tlm_generator, a.tlm_generate_model, a.tlm_generate_api_key_env)
         else:
-            import torch
-
-            dtype = (
-                torch.bfloat16
-                if run.training_args.bf16
-                else (torch.float16 if run.training_args.fp16 else torch.float32)
-            )
-            self.generator = load_teacher(a.tlm_generator, run.training_args.device, dtype)
+            self.generator = load_teacher(a.tlm_generator, ctx.device, ctx.dtype)
 
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from tlm_plugin.train.per_prompt import prompt_seed
-
-        run = self.run
-        row = run.aligned[index]
+        ctx = self.ctx
+        row = ctx.aligned[index]
         test_prompt = row["_prompt"][-1]["content"]
         reference = row["_response"][0]["content"] if len(row["_response"]) == 1 else None  # leak check only
         text = self.template_text.replace("{prompt}", test_prompt).replace("{k}", str(self.k))
         temperature, top_p, max_tokens = self.sampling
         try:
-            reply = self.generator(text, temperature, top_p, max_tokens, prompt_seed(run, index))
+            reply = self.generator(text, temperature, top_p, max_tokens, ctx.prompt_seed(index))
             error = None
         except (urllib.error.URLError, OSError, KeyError, ValueError) as err:  # a failing generator never ends the run
             reply, error = "", f"{type(err).__name__}: {err}"
@@ -271,7 +255,7 @@ class GenerateSource(PromptDataSource):
             return [], fields
         rows = []
         for ex in usable:
-            encoded = run.encoder.exchange([{"role": "user", "content": ex.input}], ex.output, system, tools)
+            encoded = ctx.encoder.exchange([{"role": "user", "content": ex.input}], ex.output, system, tools)
             if encoded is not None:
                 rows.append({"input_ids": encoded[0], "loss_mask": encoded[1]})
         return rows, fields

@@ -4,7 +4,7 @@ from typing import Any
 
 import torch
 
-from tlm_plugin.selectors.base import Selector, register_selector
+from tlm_plugin.selectors.base import Selector
 from tlm_plugin.train.loss import selection_score
 
 
@@ -17,7 +17,6 @@ def quantile_threshold(log_ppl: torch.Tensor, fraction: float) -> float:
     return float(ordered[keep]) if keep > 0 else float(ordered[0])
 
 
-@register_selector("perplexity")
 class PerplexitySelector(Selector):
     """S(x) = lambda * exp(log P(x) - log P0) if log P(x) > log P0, else 0.
 
@@ -49,7 +48,6 @@ class PerplexitySelector(Selector):
         self.seen = list(state["seen"])
 
 
-@register_selector("all")
 class AllSelector(Selector):
     """Every prompt with weight 1: plain input-perplexity minimisation (the ablation's first control)."""
 
@@ -57,13 +55,12 @@ class AllSelector(Selector):
         return torch.ones_like(log_ppl, dtype=torch.float32)
 
 
-@register_selector("random")
 class RandomSelector(PerplexitySelector):
     """As many prompts as ``perplexity`` would pick (with the same P0 or ``fraction``), uniformly at random, weight 1.
 
     Offline (one call over all prompts) the count matches exactly. Streaming, the selector sees one update at a
     time, so each prompt is kept with the running fraction that the perplexity rule has selected so far.
-    (With ``tlm_reset: prompt`` the name stands for random pool rows instead: see ``selectors.pool``.)
+    (In ``tlm_mode: per_prompt`` the registry maps ``random`` to random pool rows: ``selectors.pool``.)
     """
 
     def __init__(self, *args, **kwargs) -> None:

@@ -1,14 +1,13 @@
 """Selectors that pick rows of a data pool by their embeddings (SIFT and nearest-neighbour retrieval).
 
 Unlike the perplexity selectors, these do not weight the test prompts: they choose which pool rows to learn from
-(repeats allowed) for a set of targets (all test prompts, or one prompt at a time with ``tlm_reset: prompt``).
+(repeats allowed) for a set of targets (all test prompts, or one prompt at a time in ``tlm_mode: per_prompt``).
 """
 
 from abc import ABC, abstractmethod
 
 import torch
 
-from tlm_plugin.selectors.base import register_selector
 from tlm_plugin.selectors.sift import nearest_select, posterior_variance, sift_select
 
 
@@ -33,7 +32,6 @@ class PoolSelector(ABC):
         """Pool row indices in pick order (repeats allowed) and the targets' total variance after each pick."""
 
 
-@register_selector("sift")
 class SiftSelector(PoolSelector):
     """SIFT (Hübotter et al., ICLR 2025): greedy minimisation of the targets' posterior variance."""
 
@@ -42,7 +40,6 @@ class SiftSelector(PoolSelector):
         return sift_select(target, pool, self.budget, lambda_=self.lambda_, candidates=candidates, alpha=self.alpha)
 
 
-@register_selector("nearest")
 class NearestSelector(PoolSelector):
     """Nearest-neighbour retrieval: the top-N pool rows by cosine to the targets, no repeats."""
 

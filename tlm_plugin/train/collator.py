@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from tlm_plugin.train.batching import pad_batch
+
 
 @dataclass
 class TLMDataCollator:
@@ -25,26 +27,11 @@ class TLMDataCollator:
         if "labels" in features[0]:
             return self.generation_collator(features)
 
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        loss_mask = torch.zeros((len(features), width), dtype=torch.long)
-        user_mask = torch.zeros((len(features), width), dtype=torch.long) if "user_mask" in features[0] else None
-        for row, feature in enumerate(features):
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-            loss_mask[row, : len(ids)] = torch.as_tensor(feature.get("loss_mask") or [1] * len(ids))
-            if user_mask is not None:
-                user_mask[row, : len(ids)] = torch.as_tensor(feature["user_mask"])
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "loss_mask": loss_mask,
-            "index": torch.as_tensor([f["index"] for f in features], dtype=torch.long),
-        }
-        if user_mask is not None:
-            batch["user_mask"] = user_mask
+        masks = {"loss_mask": [f.get("loss_mask") for f in features]}
+        if "user_mask" in features[0]:
+            masks["user_mask"] = [f["user_mask"] for f in features]
+        batch = pad_batch([f["input_ids"] for f in features], self.pad_token_id, masks)
+        batch["index"] = torch.as_tensor([f["index"] for f in features], dtype=torch.long)
         if "chunk" in features[0]:
             batch["chunk"] = torch.as_tensor([f["chunk"] for f in features], dtype=torch.long)
         if "tlm_weight" in features[0]:

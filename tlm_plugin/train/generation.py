@@ -26,22 +26,16 @@ from tlm_plugin.train.backend import (
     rank_and_world,
     shards_parameters,
 )
+from tlm_plugin.train.batching import pad_batch
 
 
-PREDICTIONS_FILE = "generated_predictions.jsonl"
 logger = get_logger(__name__)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) left-padded ids and attention mask, as generation needs."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
+    batch = pad_batch(sequences, pad_id, left=True, device=device)
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def _summon(module) -> contextlib.AbstractContextManager:

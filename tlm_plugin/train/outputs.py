@@ -14,29 +14,42 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
-from tlm_plugin.hparams import TLMConfigError
+from tlm_plugin.errors import TLMConfigError
 
 
-SCORES_FILE = "tlm_scores.jsonl"
+# Every file and folder a stage-tlm run writes into output_dir (besides the adapter and HF's own files).
+SCORES_FILE = "tlm_scores.jsonl"  # one line per input row, dataset order
 SUMMARY_FILE = "tlm_summary.json"
-RUN_FILE = "tlm_run.json"
-# every file or folder pattern a stage-tlm run writes into output_dir (removed when a run starts over)
-OWN_PATTERNS = (
+RUN_FILE = "tlm_run.json"  # the run's identity
+PREDICTIONS_FILE = "generated_predictions.jsonl"  # LLaMA-Factory's format
+PREDICT_RESULTS_FILE = "predict_results.json"
+SIFT_SELECTION_FILE = "tlm_sift_selection.jsonl"  # pool methods: the rows picked
+EMBEDDINGS_FILE = "tlm_embeddings.pt"
+SNAPSHOT_FILE = "tlm_reset_snapshot.pt"  # tlm_reset: chunk
+GENERATED_FILE = "tlm_generated.jsonl"  # tlm_selector: generate
+DEMOS_FILE = "tlm_demos.jsonl"  # tlm_selector: demos
+PROMPT_RECORDS_FILE = "tlm_prompt_records.jsonl"  # a per-prompt source's records, unless it names its own
+TASK_ADAPTERS_DIR = "tlm_task_adapters"
+PART_PATTERN = "tlm_prompts.rank{rank}.jsonl"  # per-prompt records while the run goes (merged, then removed)
+CHECKPOINTS = "checkpoint-*"
+OWN_PATTERNS = (  # removed when a run starts over
     SCORES_FILE,
     SUMMARY_FILE,
     RUN_FILE,
-    "generated_predictions.jsonl",
-    "predict_results.json",
-    "tlm_sift_selection.jsonl",
-    "tlm_embeddings.pt",
-    "tlm_reset_snapshot.pt",
-    "tlm_prompts.rank*.jsonl",
-    "tlm_generated.jsonl",
-    "tlm_demos.jsonl",
-    "tlm_task_adapters",
-    "checkpoint-*",
+    PREDICTIONS_FILE,
+    PREDICT_RESULTS_FILE,
+    SIFT_SELECTION_FILE,
+    EMBEDDINGS_FILE,
+    SNAPSHOT_FILE,
+    GENERATED_FILE,
+    DEMOS_FILE,
+    PROMPT_RECORDS_FILE,
+    TASK_ADAPTERS_DIR,
+    PART_PATTERN.format(rank="*"),
+    CHECKPOINTS,
 )
 
 
@@ -54,13 +67,26 @@ def jsonl_line(row: dict[str, Any]) -> str:
     return json.dumps(clean(row), ensure_ascii=False) + "\n"
 
 
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_replace(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one step: the file
+    appears whole or not at all, also when several processes write it at once (each has its own temporary name)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_replace(path, write)
 
 
 def write_records(output_dir: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -166,6 +192,6 @@ def complete_checkpoint(output_dir: str, state_key: str | None = None) -> str | 
 
 def remove_parts(output_dir: str) -> None:
     """Remove the per-rank record files of per-prompt mode once the run's final files are written."""
-    for path in glob.glob(os.path.join(output_dir, "tlm_prompts.rank*.jsonl")):
+    for path in glob.glob(os.path.join(output_dir, PART_PATTERN.format(rank="*"))):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)

@@ -25,6 +25,7 @@ from tlm_plugin.train.backend import (
     no_grad_model,
     shards_parameters,
 )
+from tlm_plugin.train.batching import pad_batch
 from tlm_plugin.train.loss import masked_nll, token_nll
 from tlm_plugin.train.prefix import (
     CHECK_SUFFIX_TOKENS,
@@ -115,22 +116,11 @@ def nll_pass(
 
 
 def _collate(features: list[dict], masks: tuple[str, ...], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(f["input_ids"]) for f in features)
-    batch = {
-        "input_ids": torch.full((len(features), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
-        "index": torch.tensor([int(f["index"]) for f in features], dtype=torch.long),
-    }
-    for mask in masks:
-        batch[mask] = torch.zeros((len(features), width), dtype=torch.long)
-    for row, feature in enumerate(features):
-        ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-        batch["input_ids"][row, : len(ids)] = ids
-        batch["attention_mask"][row, : len(ids)] = 1
-        for mask in masks:
-            values = feature.get(mask)
-            batch[mask][row, : len(ids)] = torch.as_tensor(values) if values is not None else 1
-    return {k: (v.to(device) if k != "index" else v) for k, v in batch.items()}
+    batch = pad_batch(
+        [f["input_ids"] for f in features], pad_id, {m: [f.get(m) for f in features] for m in masks}, device=device
+    )
+    batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
+    return batch
 
 
 def _forward(model, batch, prefix_ids, state, embed: bool, lockstep: bool):

@@ -3,29 +3,29 @@
 import os
 from typing import TYPE_CHECKING, Any
 
-from tlm_plugin.hparams import TLMConfigError
-from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
+from llamafactory.extras.logging import get_logger
+
+from tlm_plugin import registry
+from tlm_plugin.errors import TLMConfigError
 from tlm_plugin.train.outputs import run_identity
 
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     from tlm_plugin.hparams import TLMArguments
 
 
 def build_selector(tlm_args: "TLMArguments", seed: int = 0):
-    """The selector of ``tlm_selector``, built from plain values (None for per-prompt runs: see per_prompt)."""
+    """The weighting or pool selector of ``tlm_selector`` for all prompts (None per prompt: see build_pool_selector
+    and the data sources), built from plain values."""
     a = tlm_args
-    if a.tlm_reset == "prompt":
+    if a.per_prompt:
         return None
-    if a.pool_based:
-        return SELECTORS[a.tlm_selector](
-            budget=a.tlm_sift_budget,
-            lambda_=a.tlm_sift_lambda,
-            alpha=a.tlm_sift_alpha,
-            candidates=a.tlm_sift_candidates,
-            seed=seed,
-        )
-    return SELECTORS[a.tlm_selector](
+    if a.kind == "pool":
+        return build_pool_selector(a, seed)
+    cls = registry.load(registry.impl(a.tlm_selector, a.tlm_mode).cls)
+    return cls(
         lam=a.tlm_lambda,
         log_p0=a.tlm_log_p0,
         fraction=a.tlm_select_fraction,
@@ -34,10 +34,11 @@ def build_selector(tlm_args: "TLMArguments", seed: int = 0):
     )
 
 
-def build_prompt_pool_selector(tlm_args: "TLMArguments", seed: int):
-    """A per-prompt pool selector (sift, nearest, random), seeded for one prompt."""
+def build_pool_selector(tlm_args: "TLMArguments", seed: int):
+    """The pool selector (sift, nearest, random), for all prompts or seeded for one prompt."""
     a = tlm_args
-    return PER_PROMPT_POOL[a.tlm_selector](
+    cls = registry.load(registry.impl(a.tlm_selector, a.tlm_mode).cls)
+    return cls(
         budget=a.tlm_sift_budget,
         lambda_=a.tlm_sift_lambda,
         alpha=a.tlm_sift_alpha,
@@ -63,10 +64,15 @@ def check_training_args(training_args, data_args, finetuning_args, tlm_args: "TL
         "IntervalStrategy.NO"
     ):
         raise TLMConfigError("eval_strategy cannot be used with stage: tlm: set eval_strategy: no.")
-    if tlm_args.tlm_reset == "prompt" and not training_args.do_train:
-        raise TLMConfigError("tlm_reset: prompt adapts to every prompt: set do_train: true.")
-    if tlm_args.tlm_reset == "prompt" and training_args.do_predict and data_args.eval_dataset != data_args.dataset:
-        raise TLMConfigError("tlm_reset: prompt answers the test prompts themselves: leave eval_dataset unset.")
+    if tlm_args.per_prompt and (training_args.warmup_ratio or training_args.warmup_steps):
+        logger.warning_rank0(
+            "warmup_ratio / warmup_steps do not apply per prompt: each prompt's own schedule warms up for "
+            f"tlm_prompt_warmup_steps ({tlm_args.tlm_prompt_warmup_steps}) steps."
+        )
+    if tlm_args.per_prompt and not training_args.do_train:
+        raise TLMConfigError("tlm_mode: per_prompt adapts to every prompt: set do_train: true.")
+    if tlm_args.per_prompt and training_args.do_predict and data_args.eval_dataset != data_args.dataset:
+        raise TLMConfigError("tlm_mode: per_prompt answers the test prompts themselves: leave eval_dataset unset.")
     if tlm_args.tlm_mode == "online":
         if training_args.do_predict and data_args.eval_dataset != data_args.dataset:
             raise TLMConfigError(
@@ -93,9 +99,9 @@ def check_backend(training_args, tlm_args: "TLMArguments") -> None:
             "tlm_eata_fisher_coeff adds its gradient to each weight's own gradient, which DeepSpeed and FSDP keep in "
             "their own partitions: use DDP (no deepspeed key) for EATA's Fisher term."
         )
-    if tlm_args.tlm_reset == "prompt" and fsdp:
+    if tlm_args.per_prompt and fsdp:
         raise TLMConfigError(
-            "tlm_reset: prompt adapts an independent copy of the adapter on every rank, which FSDP's sharding "
+            "tlm_mode: per_prompt adapts an independent copy of the adapter on every rank, which FSDP's sharding "
             "cannot do. Use DDP or DeepSpeed (each rank then answers its own share of the prompts)."
         )
 
@@ -162,6 +168,6 @@ def identity(model_args, data_args, training_args, finetuning_args, generating_a
     settings: dict[str, Any] = {"tlm": tlm_args.to_dict(), "generation": generating_args.to_dict()}
     for name, fields in keys.items():
         settings[name] = {f: str(getattr(sources[name], f, None)) for f in fields}
-    if tlm_args.tlm_reset != "prompt":  # checkpoints of the HF loop only resume with the same number of ranks
+    if not tlm_args.per_prompt:  # checkpoints of the HF loop only resume with the same number of ranks
         settings["world_size"] = training_args.world_size
     return run_identity(settings)

@@ -1,4 +1,4 @@
-"""One snapshot / restore of everything an update changes, for ``tlm_reset: chunk`` and ``tlm_reset: prompt``.
+"""One snapshot / restore of everything an update changes, for ``tlm_reset: chunk`` and per-prompt learning.
 
 An update changes the trainable weights, the optimizer's state and learning rates, the LR schedule's position, the
 fp16 loss scale and the gradients. A snapshot keeps copies of the first four; a restore puts them back bit for bit

@@ -1,29 +1,30 @@
 """``stage: tlm``: test-time learning on the test prompts themselves (Hu et al., ICML 2025), and its relatives.
 
 Reads top to bottom like LLaMA-Factory's sft workflow: checks, tokenizer, template, data, model, trainer, then the
-mode (offline, online, pool subset or per prompt), the after-pass, the records and the predictions. Every check that
+mode (one entry of :data:`tlm_plugin.registry.MODES`, dispatched once), the records and the summary. Every check that
 can fail on the recipe alone runs before the model loads, and a refused run writes nothing to ``output_dir``.
 """
 
-import math
 import os
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import llamafactory
 import numpy as np
+from datasets import Dataset
 from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
 from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.extras.logging import get_logger
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
 
-from tlm_plugin.hparams import TLMConfigError
+import tlm_plugin
+from tlm_plugin import registry
+from tlm_plugin.errors import TLMConfigError
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import barrier, broadcast_object, is_local_main, rank_and_world, set_timeouts
 from tlm_plugin.train.collator import TLMDataCollator
 from tlm_plugin.train.data import Encoder, answer_rows, load_pool, load_prompts, raw_column
-from tlm_plugin.train.passes import mean_nll, nll_pass
+from tlm_plugin.train.run import Run
 from tlm_plugin.train.setup import (
     build_selector,
     check_backend,
@@ -36,7 +37,6 @@ from tlm_plugin.train.trainer import TLMTrainer
 
 
 if TYPE_CHECKING:
-    from datasets import Dataset
     from llamafactory.hparams import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
     from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
@@ -44,107 +44,6 @@ if TYPE_CHECKING:
 
 
 logger = get_logger(__name__)
-LN2 = math.log(2.0)
-
-
-@dataclass
-class Run:
-    """Everything a mode needs, built once by :func:`run_tlm`."""
-
-    trainer: TLMTrainer
-    tlm_args: "TLMArguments"
-    training_args: "Seq2SeqTrainingArguments"
-    generating_args: "GeneratingArguments"
-    prompts: "Dataset"
-    eval_dataset: "Dataset | None"
-    pool: "Dataset | None"
-    answers: "Dataset | None"
-    gen_kwargs: dict[str, Any]
-    resume_from: str | None
-    aligned: "Dataset | None" = None  # LLaMA-Factory's aligned rows behind the prompts (messages, system, ...)
-    encoder: Any = None  # data.Encoder: new conversations encoded as LLaMA-Factory encodes rows
-    gate_options: list | None = None  # tlm_gate_options: each row's answer options
-    task_adapters: Any = None  # per_prompt.TaskAdapters: adapters of tasks (shared demonstrations) trained so far
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def answer_row(self, p: int, messages: list[dict] | None = None) -> dict[str, Any] | None:
-        """Row ``p``'s reference answer to measure: after its own prompt (precomputed), or after ``messages``."""
-        if self.answers is None or p not in self.answer_position:
-            return None
-        if messages is None:
-            return self.answers[self.answer_position[p]]
-        row = self.aligned[p]
-        return self.encoder.answer_row(messages, row["_response"][0]["content"], row["_system"], row["_tools"])
-
-    def prompt_ids_for(self, p: int, messages: list[dict]) -> list[int]:
-        row = self.aligned[p]
-        return self.encoder.prompt_ids(messages, row["_system"] or None, row["_tools"] or None)
-
-    @property
-    def output_dir(self) -> str:
-        return self.training_args.output_dir
-
-    @property
-    def answer_position(self) -> dict[int, int]:
-        """Row index -> position in ``answers`` (rows with a reference answer)."""
-        if self.answers is None:
-            return {}
-        if not hasattr(self, "_answer_position"):
-            self._answer_position = {int(i): k for k, i in enumerate(self.answers["index"])}
-        return self._answer_position
-
-    @property
-    def is_main(self) -> bool:
-        return rank_and_world()[0] == 0
-
-    def score(self, dataset, masks=("loss_mask",), embed=False) -> dict[str, Any]:
-        """A no-grad pass (:func:`tlm_plugin.train.passes.nll_pass`) with this run's batching settings."""
-        return nll_pass(
-            self.trainer,
-            dataset,
-            masks=masks,
-            embed=embed,
-            batch_size=self.tlm_args.tlm_score_batch_size,
-            token_budget=self.training_args.per_device_train_batch_size * max(map(len, self.prompts["input_ids"])),
-            prefix_cache=self.tlm_args.tlm_score_prefix_cache,
-        )
-
-    def prompt_scores(self, embed: bool = False) -> dict[str, Any]:
-        masks = ("loss_mask", "user_mask") if "user_mask" in self.prompts.column_names else ("loss_mask",)
-        result = self.score(self.prompts, masks=masks, embed=embed)
-        result["log_ppl"] = mean_nll(result, "loss_mask")
-        if "user_mask" in masks:
-            result["log_ppl_user"] = mean_nll(result, "user_mask")
-        return result
-
-    def answer_bpb(self, answers=None) -> dict[int, dict[str, float | None]]:
-        """Bits per byte of each reference answer under the current model: {row index: {"answer_bpb": x,
-        "answer_content_bpb": y}} (the label tokens, and the answer's content tokens only)."""
-        answers = self.answers if answers is None else answers
-        if answers is None or len(answers) == 0:
-            return {}
-        return answer_bpb_from(self.score(answers, masks=ANSWER_MASKS), answers)
-
-
-ANSWER_MASKS = ("answer_mask", "answer_content_mask")
-
-
-def answer_bpb_from(result: dict[str, Any], answers) -> dict[int, dict[str, float | None]]:
-    """Per-row bits per byte from a pass over answer rows: summed NLL (nats) / ln 2 / UTF-8 bytes of the answer."""
-    nbytes = dict(zip(answers["index"], answers["answer_bytes"]))
-    out = {}
-    for i, nll, content_nll, content_n in zip(
-        result["index"],
-        result["answer_mask_nll"],
-        result["answer_content_mask_nll"],
-        result["answer_content_mask_tokens"],
-    ):
-        i = int(i)
-        out[i] = {
-            "answer_bpb": float(nll / LN2 / nbytes[i]),
-            "answer_content_bpb": float(content_nll / LN2 / nbytes[i]) if content_n > 0 else None,
-        }
-    return out
 
 
 def run_tlm(
@@ -175,8 +74,6 @@ def run_tlm(
     encoder = Encoder(template, tokenizer, data_args)
     answers = None
     if tlm_args.tlm_eval_answers:
-        from datasets import Dataset
-
         rows = answer_rows(aligned, encoder)
         answers = Dataset.from_list(rows) if rows else None
     gate_options = (
@@ -229,33 +126,7 @@ def run_tlm(
         gate_options=gate_options,
     )
 
-    if tlm_args.tlm_reset == "prompt":
-        from tlm_plugin.train.per_prompt import run_per_prompt as mode
-    elif tlm_args.pool_based:
-        from tlm_plugin.train.offline import run_pool_subset as mode
-    elif tlm_args.tlm_mode == "offline":
-        from tlm_plugin.train.offline import run_offline as mode
-    else:
-        from tlm_plugin.train.online import run_online as mode
-    rows, stats = mode(run)
-
-    if tlm_args.tlm_reset != "prompt":  # per-prompt runs measure each prompt before restoring its adapter
-        start = time.perf_counter()
-        after = run.prompt_scores()
-        run.timings["score_after_s"] = time.perf_counter() - start
-        for i, row in enumerate(rows):
-            row["log_ppl_after"] = float(after["log_ppl"][i])
-            if "log_ppl_user" in after:
-                row["log_ppl_user_after"] = float(after["log_ppl_user"][i])
-        if tlm_args.tlm_mode == "offline" and answers is not None:
-            start = time.perf_counter()
-            adapted = run.answer_bpb() if training_args.do_train else None
-            for row in rows:
-                if "answer_bpb_base" in row:
-                    for key in ("answer_bpb", "answer_content_bpb"):
-                        row[key] = adapted[row["index"]][key] if adapted is not None else row[f"{key}_base"]
-            run.timings["answers_after_s"] = time.perf_counter() - start
-        stats["score_shared_prefix_tokens"] = int(after["shared_prefix_tokens"])
+    rows, stats = registry.load(registry.MODES[tlm_args.tlm_mode].entry)(run)
 
     if run.is_main:
         outputs.write_records(
@@ -307,7 +178,7 @@ def _resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str |
 def _find_resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str | None:
     out = training_args.output_dir
     resume: str | None = None
-    if tlm_args.tlm_reset == "prompt":
+    if tlm_args.per_prompt:
         if not training_args.overwrite_output_dir and os.path.isfile(os.path.join(out, outputs.RUN_FILE)):
             resume = out
     elif training_args.resume_from_checkpoint is not None:
@@ -321,10 +192,6 @@ def _find_resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> 
 
 
 def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> dict[str, Any]:
-    import llamafactory
-
-    import tlm_plugin
-
     def mean(values):
         values = [v for v in values if v is not None and v == v]
         return float(np.mean(values)) if values else None
@@ -371,59 +238,3 @@ def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> 
     return result
 
 
-def base_rows(run: Run, scores: dict[str, Any], answers: bool = True) -> list[dict[str, Any]]:
-    """One record per prompt from a scoring pass of the unadapted model (and, with ``answers``, the base answer
-    likelihoods)."""
-    rows = [
-        {"index": int(i), "n_tokens": int(n), "log_ppl": float(lp)}
-        for i, n, lp in zip(scores["index"], scores["n_tokens"], scores["log_ppl"])
-    ]
-    if "log_ppl_user" in scores:
-        for row, lp in zip(rows, scores["log_ppl_user"].tolist()):
-            row["log_ppl_user"] = lp
-    if answers:
-        add_answer_fields(run, rows, run.answer_bpb() if run.answers is not None else {}, "_base")
-    return rows
-
-
-def add_answer_fields(run: Run, rows: list[dict[str, Any]], bpb: dict[int, dict], suffix: str = "") -> None:
-    """Put the answers' bits per byte (``answer_bpb{suffix}``, ``answer_content_bpb{suffix}``) and their token /
-    byte counts on the rows that have a reference answer."""
-    for row in rows:
-        position = run.answer_position.get(row["index"])
-        if position is None or row["index"] not in bpb:
-            continue
-        answer = run.answers[position]
-        row.update(
-            answer_tokens=int(sum(answer["answer_mask"])),
-            answer_content_tokens=int(sum(answer["answer_content_mask"])),
-            answer_bytes=int(answer["answer_bytes"]),
-            answer_truncated=bool(answer["answer_truncated"]),
-        )
-        for key, value in bpb[row["index"]].items():
-            row[f"{key}{suffix}"] = value
-
-
-def save_predictions(run: Run, answers: list[list[int]], start: float, prompts: list | None = None) -> None:
-    """Write LLaMA-Factory's prediction files for ``answers`` to the eval rows (main rank); ``prompts`` are the
-    prompt ids actually answered when they differ from the eval rows' (in-context demonstrations)."""
-    from tlm_plugin.train.generation import PREDICTIONS_FILE, prediction_lines, similarity_metrics
-
-    if not run.is_main:
-        return
-    tokenizer = run.trainer.processing_class
-    labels = [list(x) for x in run.eval_dataset["labels"]]
-    prompts = prompts if prompts is not None else run.eval_dataset["input_ids"]
-    lines = prediction_lines(tokenizer, prompts, answers, labels, run.generating_args.skip_special_tokens)
-    outputs.atomic_write(os.path.join(run.output_dir, PREDICTIONS_FILE), "".join(lines))
-    runtime = time.perf_counter() - start
-    metrics = {f"predict_{k}": v for k, v in similarity_metrics(tokenizer, answers, labels).items()}
-    metrics.update(
-        predict_runtime=round(runtime, 4),
-        predict_samples_per_second=round(len(answers) / max(runtime, 1e-9), 3),
-        predict_steps_per_second=round(
-            len(answers) / max(runtime, 1e-9) / run.training_args.per_device_eval_batch_size, 3
-        ),
-    )
-    run.trainer.log_metrics("predict", metrics)
-    run.trainer.save_metrics("predict", metrics)

@@ -1,4 +1,4 @@
-"""Online adaptation (Algorithm 1 of the paper): answer each chunk of the stream, then learn from it.
+"""Online adaptation (``tlm_mode: online``, Algorithm 1 of the paper): answer each chunk of the stream, then learn from it.
 
 The stream is one HF training run over the prompts in order, under the recipe's backend. Each chunk is padded with
 rows of weight 0 (``index`` -1) to a whole number of updates (batch x accumulation x ranks), so an update never mixes
@@ -23,16 +23,21 @@ from llamafactory.extras.logging import get_logger
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from tlm_plugin.objectives.step import estimate_fisher
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import all_gather_objects, barrier, rank_and_world
-from tlm_plugin.train.generation import PREDICTIONS_FILE, append_lines, generate_answers, prediction_lines
+from tlm_plugin.train.generation import (
+    append_lines,
+    generate_answers,
+    prediction_lines,
+    similarity_metrics,
+)
+from tlm_plugin.train.run import add_answer_fields, measure_after
 from tlm_plugin.train.snapshot import TrainingSnapshot
-from tlm_plugin.train.workflow import add_answer_fields
 
 
 logger = get_logger(__name__)
 
-SNAPSHOT_FILE = "tlm_reset_snapshot.pt"
 
 
 def build_stream(prompts: Dataset, chunk_size: int, per_update: int) -> tuple[Dataset, list[int]]:
@@ -117,7 +122,7 @@ class OnlineStream:
         self.trainer.selector.load_state_dict(saved["selector"])
         self.predict_s = saved["predict_s"]
         if self.run.is_main:
-            outputs.truncate_lines(os.path.join(self.run.output_dir, PREDICTIONS_FILE), self.prediction_lines)
+            outputs.truncate_lines(os.path.join(self.run.output_dir, outputs.PREDICTIONS_FILE), self.prediction_lines)
             outputs.truncate_lines(os.path.join(self.run.output_dir, outputs.SCORES_FILE), self.score_lines)
         barrier()
         logger.warning_rank0(f"Resuming the stream after chunk {self.finished} of {self.n_chunks} (0-based).")
@@ -126,7 +131,7 @@ class OnlineStream:
     def on_train_begin(self) -> None:
         if self.run.tlm_args.tlm_reset != "chunk":
             return
-        trainer, path = self.trainer, os.path.join(self.run.output_dir, SNAPSHOT_FILE)
+        trainer, path = self.trainer, os.path.join(self.run.output_dir, outputs.SNAPSHOT_FILE)
         if self.run.resume_from is not None and os.path.isfile(path):
             self.snapshot = TrainingSnapshot(**torch.load(path, weights_only=False))
             return
@@ -174,9 +179,7 @@ class OnlineStream:
                     lines = prediction_lines(
                         tokenizer, part["input_ids"], answers, labels, run.generating_args.skip_special_tokens
                     )
-                    append_lines(os.path.join(run.output_dir, PREDICTIONS_FILE), lines)
-                    from tlm_plugin.train.generation import similarity_metrics
-
+                    append_lines(os.path.join(run.output_dir, outputs.PREDICTIONS_FILE), lines)
                     metrics = similarity_metrics(tokenizer, answers, labels)
                     self.chunk_metrics.append({"n": len(answers), **metrics})
                 self.prediction_lines += len(part)
@@ -208,6 +211,13 @@ class OnlineStream:
         self.finished = chunk
 
 
+def run(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The mode's entry: the stream, then the after-pass."""
+    rows, stats = run_online(run)
+    measure_after(run, rows, stats)
+    return rows, stats
+
+
 def run_online(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     trainer, args = run.trainer, run.training_args
     stream = OnlineStream(run)
@@ -220,8 +230,6 @@ def run_online(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     start = time.perf_counter()
     if args.do_train and run.tlm_args.tlm_eata_fisher_coeff > 0:  # EATA's Fisher: the first prompts, before updates
-        from tlm_plugin.objectives.step import estimate_fisher
-
         n = min(run.tlm_args.tlm_eata_fisher_samples, len(run.prompts))
         trainer.use_fisher(*estimate_fisher(trainer, [run.prompts[i] for i in range(n)]))
     if args.do_train:

@@ -1,7 +1,8 @@
-"""Offline adaptation: score every prompt with the unadapted model, learn from the selected rows, then answer.
+"""Offline adaptation (``tlm_mode: offline``): score every prompt with the unadapted model, learn, then answer.
 
-Two sources of training rows share this flow: the test prompts weighted by a perplexity selector (TLM, Eq. 6 of the
-paper, and its controls), and pool rows picked by SIFT / nearest neighbours for all prompts at once ("subset").
+What it learns from depends on the method's kind: the test prompts weighted by a ``weights`` method (TLM's S(x),
+Eq. 6 of the paper, and its controls), or the rows a ``pool`` method (SIFT, nearest neighbours) picks from a pool for
+all prompts at once: a selection over a pool, weighted by TLM's lambda * exp(log P - log P0).
 The scoring pass runs once; its results are written to ``tlm_scores.jsonl`` before training, so a resumed run
 (HF checkpoints, ``save_steps``) trains on exactly the rows and weights of the interrupted one without rescoring.
 """
@@ -15,15 +16,17 @@ import numpy as np
 import torch
 from llamafactory.extras.logging import get_logger
 
+from tlm_plugin.objectives.step import estimate_fisher
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import barrier
 from tlm_plugin.train.embeddings import check_embeddings, encoder_embeddings
+from tlm_plugin.train.generation import generate_answers
+from tlm_plugin.train.passes import mean_nll
+from tlm_plugin.train.run import base_rows, measure_after, save_predictions
 
 
 logger = get_logger(__name__)
 
-SELECTION_FILE = "tlm_sift_selection.jsonl"
-EMBEDDINGS_FILE = "tlm_embeddings.pt"
 
 
 def _scored_rows(run) -> list[dict[str, Any]]:
@@ -46,10 +49,14 @@ def _write_scores(run, rows: list[dict[str, Any]]) -> None:
     barrier()
 
 
-def _train_and_answer(run, train_rows, rows, stats) -> None:
-    from tlm_plugin.train.generation import generate_answers
-    from tlm_plugin.train.workflow import save_predictions
+def run(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The mode's entry: weighted test prompts, or a selection over a pool; then the after-pass."""
+    rows, stats = run_pool_subset(run) if run.tlm_args.kind == "pool" else run_offline(run)
+    measure_after(run, rows, stats)
+    return rows, stats
 
+
+def _train_and_answer(run, train_rows, rows, stats) -> None:
     trainer, args = run.trainer, run.training_args
     if args.do_train:
         start = time.perf_counter()
@@ -78,8 +85,6 @@ def _empty_stats() -> dict[str, Any]:
 
 def run_offline(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score all prompts once (unadapted model), train on the selected ones, answer."""
-    from tlm_plugin.train.workflow import base_rows
-
     rows = _scored_rows(run)
     if rows is None:
         start = time.perf_counter()
@@ -107,8 +112,6 @@ def _fisher(run, train_rows) -> None:
     """EATA's Fisher term: estimated once, before any update, on the first prompts (objectives.fisher)."""
     if run.tlm_args.tlm_eata_fisher_coeff <= 0 or train_rows is None or not run.training_args.do_train:
         return
-    from tlm_plugin.objectives.step import estimate_fisher
-
     n = min(run.tlm_args.tlm_eata_fisher_samples, len(train_rows))
     run.trainer.use_fisher(*estimate_fisher(run.trainer, [train_rows[i] for i in range(n)]))
 
@@ -132,7 +135,7 @@ def _embeddings(run, prompt_scores, pool_scores) -> tuple[np.ndarray, np.ndarray
     if run.is_main:
         torch.save(
             {"embedder": embedder, "prompts": torch.from_numpy(prompt_emb), "pool": torch.from_numpy(pool_emb)},
-            os.path.join(run.output_dir, EMBEDDINGS_FILE),
+            os.path.join(run.output_dir, outputs.EMBEDDINGS_FILE),
         )
     return prompt_emb, pool_emb
 
@@ -144,12 +147,10 @@ def pool_scores_and_embeddings(run) -> tuple[dict, dict, np.ndarray, np.ndarray]
     prompt_scores = run.prompt_scores(embed=embed)
     if run.pool is None:
         pool_scores = prompt_scores
-    elif not embed and run.tlm_args.tlm_reset == "prompt":  # per prompt, pool rows need no score: only embeddings
+    elif not embed and run.tlm_args.per_prompt:  # per prompt, pool rows need no score: only embeddings
         pool_scores = {}
     else:
         pool_scores = run.score(run.pool, embed=embed)
-        from tlm_plugin.train.passes import mean_nll
-
         pool_scores["log_ppl"] = mean_nll(pool_scores, "loss_mask")
     prompt_emb, pool_emb = _embeddings(run, prompt_scores, pool_scores)
     return prompt_scores, pool_scores, prompt_emb, pool_emb
@@ -158,15 +159,13 @@ def pool_scores_and_embeddings(run) -> tuple[dict, dict, np.ndarray, np.ndarray]
 def write_selection(run, lines: list[dict[str, Any]]) -> None:
     if run.is_main:
         outputs.atomic_write(
-            os.path.join(run.output_dir, SELECTION_FILE), "".join(json.dumps(x) + "\n" for x in lines)
+            os.path.join(run.output_dir, outputs.SIFT_SELECTION_FILE), "".join(json.dumps(x) + "\n" for x in lines)
         )
 
 
 def run_pool_subset(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """SIFT / nearest for all prompts at once: pick ``tlm_sift_budget`` pool rows (repeats allowed, one training
     step each), weighted by TLM's lambda * exp(log P - log P0), train on them, answer."""
-    from tlm_plugin.train.workflow import base_rows
-
     tlm_args = run.tlm_args
     start = time.perf_counter()
     prompt_scores, pool_scores, prompt_emb, pool_emb = pool_scores_and_embeddings(run)

@@ -1,10 +1,9 @@
-"""Per-prompt test-time learning (``tlm_reset: prompt``): one loop for every data source.
+"""Per-prompt test-time learning (``tlm_mode: per_prompt``): one loop for every data source.
 
-For each test prompt: gate (is the model unsure?) -> training rows from the data source (SIFT / nearest / random
-pool rows; later sources plug in behind the selector registry) -> training steps -> answer -> restore. The steps
-use the recipe's optimizer (``optim``, LLaMA-Factory's custom optimizers), its LR schedule rebuilt for the prompt's
-own number of steps (warm-up ratio included), gradient accumulation, clipping and fp16 loss scaling; the restore
-puts adapter, optimizer state and learning rates back bit for bit (:class:`~tlm_plugin.train.snapshot.TrainingSnapshot`).
+For each test prompt: gate (is the model unsure?) -> training rows from the data source (a ``pool`` method's picks:
+SIFT / nearest / random; a ``source`` method: generated examples, the prompt's demonstrations; see
+:mod:`tlm_plugin.registry`) -> training steps (:class:`~tlm_plugin.train.learner.PromptLearner`) -> answer ->
+restore of adapter, optimizer state and learning rates, bit for bit.
 
 Prompts are sharded across ranks (rank, rank + world, ...); each rank adapts its own copy of the adapter, so no
 gradient is synchronised. Under ZeRO-3 every rank first gathers the whole model (it must fit one device).
@@ -24,43 +23,45 @@ import torch
 from llamafactory.extras.logging import get_logger
 from tqdm import tqdm
 
-from tlm_plugin.selectors import PER_PROMPT_POOL, SELECTORS
-from tlm_plugin.selectors.base import PromptDataSource
+from tlm_plugin import registry
+from tlm_plugin.modes.offline import pool_scores_and_embeddings
+from tlm_plugin.seeding import prompt_seed
+from tlm_plugin.selectors.base import PromptContext, PromptDataSource
+from tlm_plugin.selectors.demos import majority
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import all_gather_objects, full_parameters, rank_and_world, wait_for_all
 from tlm_plugin.train.gate import RunningFraction, dedupe, flag_fraction, margin, option_letters, uncertain
 from tlm_plugin.train.generation import append_lines, generate_ids
-from tlm_plugin.train.loss import token_nll
+from tlm_plugin.train.learner import PromptLearner, TaskAdapters, candidate_scores, mean_loss
 from tlm_plugin.train.passes import row_nll
-from tlm_plugin.train.snapshot import TrainingSnapshot
-from tlm_plugin.train.workflow import ANSWER_MASKS, add_answer_fields
+from tlm_plugin.train.run import ANSWER_MASKS, add_answer_fields, base_rows, save_predictions
+from tlm_plugin.train.setup import build_pool_selector
 
 
 logger = get_logger(__name__)
 
-PART_PATTERN = "tlm_prompts.rank{rank}.jsonl"
-NOT_TRAINED = {"step_losses": [], "steps": 0, "skipped_steps": 0, "overflow_steps": 0}
+PART_PATTERN = outputs.PART_PATTERN
+NOT_TRAINED = {"step_losses": [], "step_lrs": [], "steps": 0, "skipped_steps": 0, "overflow_steps": 0}
 
 
 class PoolSource(PromptDataSource):
-    """SIFT / nearest / random pool rows for each prompt, one training step per pick (the SIFT paper's TTFT)."""
+    """A ``pool`` method's rows for each prompt, one training step per pick (the SIFT paper's TTFT)."""
 
-    name = "pool"
-    record_file = "tlm_sift_selection.jsonl"
+    record_file = outputs.SIFT_SELECTION_FILE
 
-    def prepare(self, run) -> None:
-        from tlm_plugin.train.offline import pool_scores_and_embeddings
-
+    def __init__(self, run) -> None:
         self.run = run
+
+    def prepare(self, ctx: PromptContext) -> None:
+        run = self.run
         start = time.perf_counter()
         self.prompt_scores, _, self.prompt_emb, self.pool_emb = pool_scores_and_embeddings(run)
         run.timings["score_before_s"] = time.perf_counter() - start
         self.pool = run.pool if run.pool is not None else run.prompts
+        self.ctx = ctx
 
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from tlm_plugin.train.setup import build_prompt_pool_selector
-
-        selector = build_prompt_pool_selector(self.run.tlm_args, seed=prompt_seed(self.run, index))
+        selector = build_pool_selector(self.run.tlm_args, seed=self.ctx.prompt_seed(index))
         picks, variances = selector.pick(
             torch.from_numpy(self.prompt_emb[index : index + 1]), torch.from_numpy(self.pool_emb)
         )
@@ -70,24 +71,28 @@ class PoolSource(PromptDataSource):
         return rows, {"picks": picks.tolist(), "variances": [float(v) for v in variances]}
 
 
-def prompt_seed(run, index: int) -> int:
-    """The seed of everything random about one prompt (candidates, generation, orders, random picks): from the run's
-    seed and the prompt's own tokens, so it is the same whichever rank answers it, in whatever order, resumed or not."""
-    import hashlib
-
-    ids = run.prompts[index]["input_ids"]
-    digest = hashlib.sha256(f"{run.training_args.seed}:{','.join(map(str, ids))}".encode()).digest()
-    return int.from_bytes(digest[:6], "big")
-
-
 def make_source(run) -> PromptDataSource:
-    name = run.tlm_args.tlm_selector
-    if name in PER_PROMPT_POOL:
-        return PoolSource()
-    source = SELECTORS[name]()
-    if not isinstance(source, PromptDataSource):
-        raise AssertionError(f"selector {name!r} is not a per-prompt data source")
-    return source
+    """The data source of the run's method: a pool method's picks, or the method's own source class."""
+    found = registry.impl(run.tlm_args.tlm_selector, "per_prompt")
+    if found.kind == "pool":
+        return PoolSource(run)
+    return registry.load(found.cls)()
+
+
+def prompt_context(run) -> PromptContext:
+    trainer, args = run.trainer, run.training_args
+    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+    return PromptContext(
+        settings=run.tlm_args.method_settings(),
+        prompts=run.prompts,
+        aligned=run.aligned,
+        encoder=run.encoder,
+        tokenizer=trainer.processing_class,
+        model=trainer.accelerator.unwrap_model(trainer.model),
+        device=args.device,
+        dtype=dtype,
+        seed=args.seed,
+    )
 
 
 def _done(output_dir: str) -> dict[int, dict[str, Any]]:
@@ -103,124 +108,6 @@ def _done(output_dir: str) -> dict[int, dict[str, Any]]:
     return done
 
 
-class PromptLearner:
-    """The model, optimizer and schedule of the per-prompt updates on this rank, with the starting snapshot."""
-
-    def __init__(self, run) -> None:
-        self.run, self.trainer, self.args = run, run.trainer, run.training_args
-        trainer = self.trainer
-        self.model = trainer.accelerator.unwrap_model(trainer.model)
-        self.model.to(self.args.device)
-        trainer.model_wrapped = trainer.model
-        self.optimizer = trainer.create_optimizer()  # the recipe's optim (and LLaMA-Factory's custom optimizers)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 else None
-        self.snapshot = TrainingSnapshot.take(self.model, self.optimizer)
-
-    def _schedule(self, n_steps: int):
-        trainer = self.trainer
-        trainer.lr_scheduler = None  # HF builds a scheduler only once; this prompt gets its own length
-        return trainer.create_scheduler(num_training_steps=max(n_steps, 1), optimizer=self.optimizer)
-
-    def train(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """``tlm_prompt_epochs`` passes over ``rows`` in batches of per_device_train_batch_size, one optimizer step
-        per ``gradient_accumulation_steps`` batches; returns the losses and step counts."""
-        args = self.args
-        bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
-        epochs = self.run.tlm_args.tlm_prompt_epochs
-        batches = [rows[i : i + bs] for _ in range(epochs) for i in range(0, len(rows), bs)]
-        windows = [batches[i : i + ga] for i in range(0, len(batches), ga)]
-        scheduler = self._schedule(len(windows))
-        self.model.train()
-        losses, steps, skipped, overflows = [], 0, 0, 0
-        for window in windows:
-            finite = True
-            for batch in window:
-                loss = self._loss(batch) / len(window)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-                losses.append(float(loss.detach()) * len(window))
-            if not finite:  # a non-finite loss: this update is dropped, nothing moves
-                losses.append(math.nan)
-                self.optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
-            if self.scaler is not None:
-                scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)  # skips the optimizer step when the gradients hold an inf / nan
-                self.scaler.update()
-                stepped = self.scaler.get_scale() >= scale  # an overflow halves the scale
-            else:
-                self.optimizer.step()
-                stepped = True
-            self.optimizer.zero_grad(set_to_none=True)
-            if stepped:
-                scheduler.step()
-                steps += 1
-            else:
-                overflows += 1
-        return {"step_losses": losses, "steps": steps, "skipped_steps": skipped, "overflow_steps": overflows}
-
-    def _loss(self, batch: list[dict[str, Any]]) -> torch.Tensor:
-        """Mean NLL over the counted tokens of the batch (LLaMA-Factory's sft loss for label masks; the row's
-        log-perplexity for one pool row)."""
-        pad = self.trainer.processing_class.pad_token_id
-        width = max(len(r["input_ids"]) for r in batch)
-        device = self.args.device
-        ids = torch.full((len(batch), width), pad, dtype=torch.long, device=device)
-        attention = torch.zeros_like(ids)
-        counted = torch.zeros_like(ids)
-        for i, row in enumerate(batch):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.as_tensor(row["input_ids"], device=device)
-            attention[i, :n] = 1
-            counted[i, :n] = torch.as_tensor(row["loss_mask"], device=device)
-        with self.trainer.accelerator.autocast():
-            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        nll = token_nll(logits, ids, counted)
-        return nll.sum() / counted[:, 1:].sum().clamp(min=1)
-
-    def restore(self) -> None:
-        """Adapter, optimizer state and learning rates back to the start. The fp16 loss scale is carried on to the
-        next prompt, as a training run carries it from step to step: restarting it at 2^16 for every prompt would
-        repeat the first overflows (steps that change nothing) at every prompt."""
-        self.snapshot.restore(self.model, self.optimizer)
-        self.trainer.lr_scheduler = None
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if name in state:
-                    param.copy_(state[name].to(param.device))
-
-
-class TaskAdapters:
-    """Adapters of the tasks trained so far (``output_dir/tlm_task_adapters/<key>.pt``), shared across ranks and
-    resumed runs; written atomically, so a rank that trains a task another rank trains too loses nothing."""
-
-    def __init__(self, output_dir: str) -> None:
-        self.folder = os.path.join(output_dir, "tlm_task_adapters")
-
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        path = os.path.join(self.folder, f"{key}.pt")
-        return torch.load(path, map_location="cpu") if os.path.isfile(path) else None
-
-    def save(self, key: str, state: dict[str, torch.Tensor]) -> None:
-        os.makedirs(self.folder, exist_ok=True)
-        tmp = os.path.join(self.folder, f"{key}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(self.folder, f"{key}.pt"))
-
-
 class Gate:
     """``tlm_gate`` wired to the model: which prompts learn (none, perplexity, margin; tau or a calibrated fraction).
 
@@ -229,7 +116,7 @@ class Gate:
     candidate is scored by its mean token log-probability given the prompt, in one batched forward.
     """
 
-    def __init__(self, run, learner: "PromptLearner", base_rows: list[dict[str, Any]]) -> None:
+    def __init__(self, run, learner: PromptLearner, base_rows: list[dict[str, Any]]) -> None:
         self.run, self.learner, self.args = run, learner, run.tlm_args
         self.kind = self.args.tlm_gate
         self.log_ppl = {r["index"]: r["log_ppl"] for r in base_rows}
@@ -248,7 +135,7 @@ class Gate:
         order = sorted(values)
         higher = self.kind == "perplexity"  # higher log-perplexity, lower margin: more uncertain
         series = [values[p] if values[p] == values[p] else -math.inf for p in order]
-        if self.args.tlm_mode == "online":  # the prompts seen so far, in dataset order
+        if self.args.tlm_gate_stream:  # the prompts seen so far, in dataset order
             running = RunningFraction(self.args.tlm_gate_fraction, higher)
             flags = [running(v) for v in series]
         else:
@@ -285,7 +172,7 @@ class Gate:
         if texts:
             answers = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
         else:
-            torch.manual_seed(prompt_seed(run, p))
+            torch.manual_seed(prompt_seed(run.training_args.seed, prompt))
             kwargs = {
                 **run.gen_kwargs,
                 "do_sample": True,
@@ -307,33 +194,16 @@ class Gate:
         return [t for t, _ in keep], candidate_scores(learner, prompt, [a for _, a in keep])
 
 
-def candidate_scores(learner: "PromptLearner", prompt: list[int], answers: list[list[int]]) -> list[float]:
-    """Mean log-probability per token of each answer after ``prompt``, one batched forward (no gradient)."""
-    device = learner.args.device
-    pad = learner.trainer.processing_class.pad_token_id
-    seqs = [prompt + a for a in answers]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-    attention = torch.zeros_like(ids)
-    counted = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.as_tensor(seq, device=device)
-        attention[i, : len(seq)] = 1
-        counted[i, len(prompt) : len(seq)] = 1
-    learner.model.eval()
-    with torch.no_grad(), learner.trainer.accelerator.autocast():
-        logits = learner.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    nll = token_nll(logits, ids, counted)
-    return (-(nll.sum(-1) / counted[:, 1:].sum(-1).clamp(min=1))).double().tolist()
+def run(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The mode's entry."""
+    return run_per_prompt(run)
 
 
 def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from tlm_plugin.train.workflow import base_rows
-
     rank, world = rank_and_world()
     source = make_source(run)
     with full_parameters(run.trainer):
-        source.prepare(run)
+        source.prepare(prompt_context(run))
         prompt_scores = getattr(source, "prompt_scores", None)
         if prompt_scores is None:
             prompt_scores = run.prompt_scores()
@@ -357,20 +227,7 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return _assemble(run, rows, source)
 
 
-def _mean_loss(learner: "PromptLearner", rows: list[dict[str, Any]]) -> float | None:
-    """Mean NLL over the counted tokens of ``rows`` with the current model (no gradient)."""
-    if not rows:
-        return None
-    learner.model.eval()
-    total = count = 0.0
-    with torch.no_grad(), learner.trainer.accelerator.autocast():
-        for row in rows:
-            nll, n = row_nll(learner.model, row, ("loss_mask",), learner.args.device)["loss_mask"]
-            total, count = total + nll, count + n
-    return total / max(count, 1)
-
-
-def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Gate, p: int, phase=None) -> dict:
+def answer_one(run, learner: PromptLearner, source: PromptDataSource, gate: Gate, p: int, phase=None) -> dict:
     """Gate, data, steps, answer, restore for prompt ``p``; the prompt's complete record."""
     phase = phase or (lambda name: None)
     timings = {}
@@ -392,7 +249,7 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
     key = source.cache_key(p) if data and run.tlm_args.tlm_demo_cache else None
     cached = run.task_adapters.load(key) if key else None
     measured = source.loss_rows(p, data) if getattr(source, "measure_data_loss", False) and data else []
-    before = _mean_loss(learner, measured) if measured else None
+    before = mean_loss(learner, measured) if measured else None
     if cached is not None:  # a task trained for an earlier prompt: its adapter, no training
         learner.load_trainable(cached)
         trained = {**NOT_TRAINED, "cache_hit": True}
@@ -402,7 +259,7 @@ def answer_one(run, learner: "PromptLearner", source: PromptDataSource, gate: Ga
             run.task_adapters.save(key, learner.trainable_state())
             trained["cache_hit"] = False
     if measured:
-        trained.update(data_loss_before=before, data_loss_after=_mean_loss(learner, measured))
+        trained.update(data_loss_before=before, data_loss_after=mean_loss(learner, measured))
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -460,8 +317,6 @@ def measure_answer(
             if answer_messages is not None:
                 out["answer_prompt_ids"] = ids
             if vote_messages:
-                from tlm_plugin.selectors.demos import majority
-
                 prompts = [run.prompt_ids_for(p, m) for m in vote_messages]
                 answers = [out["answer_ids"]] + generate_ids(run.trainer, model, prompts, run.gen_kwargs, False)
                 tokenizer = run.trainer.processing_class
@@ -474,8 +329,6 @@ def measure_answer(
 
 def _assemble(run, rows: list[dict[str, Any]], source) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Merge every rank's records into the run's rows (dataset order) and write the final files (main rank)."""
-    from tlm_plugin.train.workflow import save_predictions
-
     done = _done(run.output_dir)
     missing = [r["index"] for r in rows if r["index"] not in done]
     if missing:
