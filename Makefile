@@ -4,25 +4,36 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.llamafactory-tlm-installed
+DEMO_STAMP := $(VENV)/.llamafactory-tlm-demo
+DEV_STAMP := $(VENV)/.llamafactory-tlm-dev
 # OpenAI Evals ships the offline demo/AdaptEval data; its own dependency list is large and unneeded here.
 EVALS := evals==3.0.1.post1
+# Optional: a torch index to install torch from first, e.g. https://download.pytorch.org/whl/cpu for a CPU-only
+# torch (about 5 GB less than PyPI's CUDA build).
+TORCH_INDEX ?=
 
 .PHONY: install demo test lint bench clean test-floor gpu-check-cpu
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# The demo: the project, LLaMA-Factory, the demo model's converter and the data package; nothing else.
+$(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,demo,offline]'
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet torch --index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e '.[demo]'
 	$(PY) -m pip install --quiet --no-deps $(EVALS)
-	touch $(STAMP)
+	touch $(DEMO_STAMP)
 
-demo: $(STAMP)
+# Development: the demo's set plus the test tools, the CPU backends (DeepSpeed, Ray), faiss and AdaptEval's packages.
+$(DEV_STAMP): $(DEMO_STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,demo,offline,adapteval]'
+	touch $(DEV_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) -m tlm_plugin.demo
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
@@ -40,7 +51,7 @@ test-floor:
 	test -x $(FLOOR_VENV)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(FLOOR_VENV)/bin/python tests/floor_requirements.py > $(FLOOR_VENV)/floors.txt
-	$(FLOOR_VENV)/bin/python -m pip install --quiet -e '.[dev,demo,offline]' -r $(FLOOR_VENV)/floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -e '.[dev,demo,offline,adapteval]' -r $(FLOOR_VENV)/floors.txt
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-deps $(EVALS)
 	$(FLOOR_VENV)/bin/python tests/floor_requirements.py --check
 	HF_HUB_OFFLINE=1 LLAMAFACTORY_TLM_CACHE=$(CURDIR)/$(FLOOR_VENV)/cache $(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider $(FLOOR_TESTS)
@@ -48,10 +59,10 @@ test-floor:
 
 # The air-gapped GPU check, proven on this CPU: prepare the bundle (needs PyPI), then run it with no network at all
 # (a network namespace; needs root) beside a venv that holds only torch / transformers / accelerate / peft.
-gpu-check-cpu: $(STAMP)
+gpu-check-cpu: $(DEV_STAMP)
 	$(PY) bench/gpu_check_cpu.py
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) bench/bench_tlm.py
 	$(PY) bench/bench_sift.py
 

@@ -29,6 +29,7 @@ from types import ModuleType
 from adapteval.datasets._base import DatasetSpec, SourcePart
 from adapteval.datasets._packages import install_commands, missing_packages
 from adapteval.errors import DataUnavailableError, MissingPackageError
+from adapteval.records import write_json
 from adapteval.registry import fixed_path, get_dataset, resolve
 
 
@@ -77,15 +78,15 @@ def build(
     manifest.setdefault("datasets", {})
     for name, (rows, record) in built.items():
         file_name = f"{name}.json"
-        _write_json(out / file_name, rows)
+        write_json(out / file_name, rows)
         record["file"] = file_name
         record["sha256"] = _sha256(out / file_name)
         columns = dict(ALPACA_COLUMNS, **({"history": "history"} if record.get("shots") else {}))
         dataset_info[name] = {"file_name": file_name, "formatting": "alpaca", "columns": columns}
         manifest["datasets"][name] = record
         logger.info("adapteval: wrote %s (%d rows) to %s", file_name, len(rows), out)
-    _write_json(out / DATASET_INFO, dataset_info)
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / DATASET_INFO, dataset_info)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -258,14 +259,6 @@ def _read_json_object(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} exists but is not a JSON object; remove it or build into another folder")
     return data
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, ensure_ascii=False, indent=2)
-        handle.write("\n")
-    tmp.replace(path)
 
 
 def _sha256(path: Path) -> str:

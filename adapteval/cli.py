@@ -13,18 +13,22 @@ stderr and exit with status 2.
 """
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable
 
-from adapteval.errors import DataUnavailableError, UnknownNameError
+from adapteval import runner, ttft
+from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SHOTS, build
+from adapteval.errors import DataUnavailableError, RunnerError, UnknownNameError
+from adapteval.methods import METHODS
+from adapteval.registry import resolve
+from adapteval.tables import write_reports
 
 
 EXIT_USER_ERROR = 2
 
 
 def add_build_command(subparsers: argparse._SubParsersAction) -> None:
-    from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SHOTS
-
     parser = subparsers.add_parser(
         "build",
         help="build AdaptEval datasets as LLaMA-Factory alpaca files",
@@ -62,9 +66,6 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from adapteval.builder import build
-    from adapteval.registry import resolve
-
     names = resolve(args.bench, offline=args.offline, fixed_dir=args.fixed_dir)
     manifest = build(
         names, args.out, n=args.n, seed=args.seed, offline=args.offline, fixed_dir=args.fixed_dir, shots=args.shots
@@ -81,8 +82,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def add_run_command(subparsers: argparse._SubParsersAction) -> None:
-    from adapteval.methods import METHODS
-
     parser = subparsers.add_parser(
         "run",
         help="run methods x datasets with llamafactory-cli and write the results tables",
@@ -140,9 +139,6 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from adapteval import runner
-    from adapteval.tables import write_reports
-
     def progress(done: int, total: int, cell: dict, cached: bool) -> None:
         timing = "cached" if cached else f"{cell['timings'].get('run_s', 0.0):.1f}s"
         empty = f", {cell['n_empty']} empty" if cell["n_empty"] else ""
@@ -175,7 +171,7 @@ def run_run(args: argparse.Namespace) -> int:
             answers_only=args.answers_only,
             teacher=args.teacher,
         )
-    except runner.RunnerError as err:
+    except RunnerError as err:
         print(f"adapteval run: error: {err}", file=sys.stderr)
         return 1
     _print_reports(write_reports(args.out))
@@ -183,8 +179,6 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def add_ttft_command(subparsers: argparse._SubParsersAction) -> None:
-    from adapteval import ttft
-
     parser = subparsers.add_parser(
         "ttft",
         help="per-prompt test-time fine-tuning from a pool (sift, nearest, random) vs base and TLM, in answer "
@@ -230,8 +224,6 @@ def add_ttft_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_ttft(args: argparse.Namespace) -> int:
-    from adapteval import runner, ttft
-
     def progress(done: int, total: int, cell: dict, cached: bool) -> None:
         timing = "cached" if cached else f"{cell['run_s']:.0f}s"
         print(
@@ -256,7 +248,7 @@ def run_ttft(args: argparse.Namespace) -> int:
             force=args.force,
             progress=progress,
         )
-    except runner.RunnerError as err:
+    except RunnerError as err:
         print(f"adapteval ttft: error: {err}", file=sys.stderr)
         return 1
     paths = ttft.write_report(args.out, records)
@@ -276,8 +268,6 @@ def add_report_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from adapteval.tables import write_reports
-
     _print_reports(write_reports(args.out))
     return 0
 
@@ -303,8 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRA_PACKAGES = {"sacrebleu": "sacrebleu", "matplotlib": "matplotlib"}  # module -> pip name, the [adapteval] extra
+
+
+def missing_extra() -> list[str]:
+    """AdaptEval's own packages (``pip install 'llamafactory-tlm[adapteval]'``) that are not installed."""
+    return [pip for module, pip in EXTRA_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_extra()
+    if missing and args.command in ("run", "report", "ttft"):
+        print(
+            f"adapteval {args.command}: error: AdaptEval needs its own packages ({', '.join(missing)}): "
+            "pip install 'llamafactory-tlm[adapteval]' (from a clone: pip install '.[adapteval]').",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     try:
         return args.handler(args)
     except (UnknownNameError, DataUnavailableError, ValueError) as err:

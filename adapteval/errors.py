@@ -1,4 +1,5 @@
-"""Errors raised by AdaptEval for problems the user can fix (names, missing data, missing packages)."""
+"""Errors raised by AdaptEval: problems the user can fix (names, missing data, missing packages, a cache made with
+other settings), and a cell that could not be produced."""
 
 
 class UnknownNameError(ValueError):
@@ -11,3 +12,11 @@ class DataUnavailableError(RuntimeError):
 
 class MissingPackageError(DataUnavailableError):
     """An offline pack needs a PyPI package that is not installed; the message names the pip command."""
+
+
+class RunnerError(RuntimeError):
+    """A cell could not be produced (its run failed, or its outputs do not match its inputs)."""
+
+
+class CacheConflictError(ValueError):
+    """The output folder holds a cell made with another configuration."""

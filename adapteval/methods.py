@@ -37,6 +37,19 @@ class Method:
         """``recipe`` with this method's keys set (a new dict)."""
         return {**recipe, **self.overrides}
 
+    @property
+    def trains(self) -> bool:
+        """Whether the method updates the model (see ``trains``); a key it leaves to the base recipe counts as
+        training."""
+        return trains(self.overrides)
+
+
+def trains(recipe: Mapping[str, Any]) -> bool:
+    """Whether a recipe updates the model: not with ``do_train: false`` (``base``, ``icl``: scores only), nor with
+    examples that only go into the prompt (``tlm_selector: generate`` with ``tlm_generate_use: icl``)."""
+    icl_only = recipe.get("tlm_selector") == "generate" and recipe.get("tlm_generate_use") == "icl"
+    return bool(recipe.get("do_train", True)) and not icl_only
+
 
 # Shared by the adapting methods; the paper's selection (Eq. 6, lambda 0.10, P0 = e^3) where the method uses it
 # (every recipe holds only the keys that act in its mode: stage tlm refuses the others).

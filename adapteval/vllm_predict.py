@@ -5,7 +5,7 @@ An offline method splits into "adapt, then answer": the cell's ``llamafactory-cl
 ``llamafactory.chat.vllm_engine.VllmEngine`` (the engine of ``llamafactory-cli chat/api`` with
 ``infer_backend: vllm``), the adapter attached as a LoRA request. All prompts are submitted at once, so vLLM
 schedules them in continuous batches. Online methods and per-prompt fine-tuning answer in between updates and keep
-the Hugging Face generation of the training run (the runner decides, see ``adapteval.runner``).
+the Hugging Face generation of the training run (the planner decides, see ``adapteval.plan.predicts_separately``).
 
 The prompts are the dataset's conversations as LLaMA-Factory aligns them (system prompt, tools, user turns), and
 the engine encodes them with the recipe's template exactly as the HF predict path does (``encode_oneturn`` with an
@@ -30,9 +30,10 @@ from typing import Any
 
 import yaml
 
+from tlm_plugin.train.outputs import PREDICT_RESULTS_FILE, atomic_write
+
 
 PREDICTIONS_KEY = "predictions_file"
-RESULTS_FILE = "predict_results.json"
 DEFAULT_MAX_LORA_RANK = 32  # LLaMA-Factory's vllm_max_lora_rank default
 
 EngineFactory = Callable[
@@ -76,10 +77,11 @@ def load_requests(args: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     """One request per dataset row (``messages``, ``system``, ``tools``, ``label``, ``prompt``) in dataset order, and
     the longest templated prompt in tokens."""
     from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.data.loader import _get_merged_dataset
     from llamafactory.hparams import get_infer_args
     from llamafactory.model import load_tokenizer
     from transformers import Seq2SeqTrainingArguments
+
+    from tlm_plugin import seam
 
     # parse as a Hugging Face inference run: the same data and template arguments, no vLLM needed to read data
     parse = {k: v for k, v in args.items() if k != PREDICTIONS_KEY}
@@ -87,7 +89,7 @@ def load_requests(args: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     training_args = Seq2SeqTrainingArguments(output_dir=str(Path(args[PREDICTIONS_KEY]).parent), report_to="none")
-    rows = _get_merged_dataset(data_args.dataset, model_args, data_args, training_args, stage="sft")
+    rows = seam.merged_dataset(data_args.dataset, model_args, data_args, training_args, stage="sft")
     if rows is None or len(rows) == 0:
         raise ValueError(f"dataset {args.get('dataset')!r} has no rows to answer")
     requests, longest = [], 0
@@ -150,9 +152,7 @@ def predict(args: dict[str, Any], engine_factory: EngineFactory = vllm_engine) -
         json.dumps({"prompt": r["prompt"], "predict": a, "label": r["label"]}, ensure_ascii=False)
         for r, a in zip(requests, answers)
     ]
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out_path)
+    atomic_write(out_path, "\n".join(lines) + "\n")
     results = {
         "predict_backend": "vllm",
         "predict_runtime": round(runtime, 4),
@@ -160,7 +160,7 @@ def predict(args: dict[str, Any], engine_factory: EngineFactory = vllm_engine) -
         "predict_samples_per_second": round(len(requests) / runtime, 3) if runtime > 0 else None,
         "adapter_name_or_path": args.get("adapter_name_or_path"),
     }
-    (out_path.parent / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    atomic_write(out_path.parent / PREDICT_RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     return out_path
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from tlm_plugin.train.outputs import SCORES_FILE, SUMMARY_FILE, read_jsonl
+
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -275,7 +277,7 @@ def run_cli(name: str, recipe: dict, work: Path, env: dict[str, str], use_time: 
         }
     )
     if recipe["stage"] == "tlm":
-        summary = read_json(output_dir / "tlm_summary.json")
+        summary = read_json(output_dir / SUMMARY_FILE)
         wall = summary["wall_time_s"]
         result.update(
             {
@@ -289,7 +291,7 @@ def run_cli(name: str, recipe: dict, work: Path, env: dict[str, str], use_time: 
                 "backward_passes": summary["backward_passes"],
                 "optimizer_steps": summary["optimizer_steps"],
                 "shared_prefix_tokens": summary.get("score_shared_prefix_tokens"),
-                "scores": read_jsonl(output_dir / "tlm_scores.jsonl"),
+                "scores": read_scores(output_dir),
             }
         )
     else:
@@ -304,10 +306,11 @@ def run_cli(name: str, recipe: dict, work: Path, env: dict[str, str], use_time: 
     return result
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_scores(output_dir: Path) -> list[dict]:
+    path = output_dir / SCORES_FILE
     if not path.is_file():
         raise RunFailed(f"The run wrote no {path}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------

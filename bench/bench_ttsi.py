@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from tlm_plugin.train.outputs import GENERATED_FILE, SUMMARY_FILE, read_jsonl
+
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -88,8 +90,8 @@ def run(work: Path, name: str, model: str, data: str, generator: str) -> dict:
     )
     if proc.returncode != 0:
         raise SystemExit(f"run {name} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "tlm_generated.jsonl").read_text().splitlines()]
-    summary = json.loads((out / "tlm_summary.json").read_text())
+    records = read_jsonl(str(out / GENERATED_FILE))
+    summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
     wall = summary["wall_time_s"]["per_prompt_s"] / len(records)
     phases = {p: statistics.mean(r["seconds"][p] for r in records) for p in PHASES}
     bookkeeping = max(0.0, wall - sum(phases.values()))

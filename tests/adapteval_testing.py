@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from tlm_testing import base_recipe
 
-from adapteval import runner
+from adapteval import plan, runner
 
 
 DATASET = "chatterbot"  # an offline pack of InstructionBench (ROUGE-Lsum), built from a PyPI package
@@ -16,7 +16,7 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "DISABLE_VERSION_CHECK": "1", "LLAMAFA
 def write_tiny_recipe(model_dir: Path, path: Path) -> Path:
     """The tiny model's base recipe; the runner fills in dataset, dataset_dir and output_dir per cell."""
     recipe = base_recipe(model_dir, Path("unused"), Path("unused"), max_new_tokens=8)
-    for key in runner.RUNNER_KEYS:
+    for key in plan.RUNNER_KEYS:
         recipe.pop(key, None)
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path

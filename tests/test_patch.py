@@ -173,3 +173,69 @@ def test_start_up_hook_patches_a_fresh_interpreter_and_can_be_disabled():
     code = "import tlm_plugin; tlm_plugin.install(); " + code
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip().endswith("True")
+
+
+# ------------------------------------------------------------------------------------------ command-line switches
+DEMO_RECIPE = {
+    "stage": "tlm",
+    "do_train": True,
+    "tlm_mode": "offline",
+    "tlm_lambda": 0.1,
+    "tlm_log_p0": 3.0,
+    "tlm_selector": "perplexity",
+}
+
+
+def test_a_command_line_switch_to_per_prompt_sift_drops_what_it_makes_inert_with_one_warning(caplog):
+    overrides = {"tlm_mode": "per_prompt", "tlm_selector": "sift"}
+    with caplog.at_level("WARNING", logger="tlm_plugin.patch"):
+        tlm_args, _ = patch.split_args({**DEMO_RECIPE, **overrides}, overrides)
+    assert (tlm_args.tlm_mode, tlm_args.tlm_selector) == ("per_prompt", "sift")
+    warned = [r.getMessage() for r in caplog.records if r.name == "tlm_plugin.patch"]
+    assert len(warned) == 1 and "tlm_lambda" in warned[0] and "tlm_log_p0" in warned[0]
+
+
+def test_the_same_settings_written_in_the_recipe_itself_are_still_refused():
+    recipe = {**DEMO_RECIPE, "tlm_mode": "per_prompt", "tlm_selector": "sift"}
+    with pytest.raises(TLMConfigError, match="tlm_lambda has no effect"):
+        patch.split_args(recipe, {})
+
+
+def test_a_switch_keeps_refusing_what_contradicts_the_chosen_run():
+    overrides = {"tlm_mode": "online"}
+    recipe = {**DEMO_RECIPE, "tlm_selector": "sift"}
+    with pytest.raises(TLMConfigError, match="tlm_selector: sift works in"):
+        patch.split_args({**recipe, **overrides}, overrides)
+
+
+def test_a_recipe_key_inert_before_the_switch_is_not_dropped_by_it():
+    recipe = {**DEMO_RECIPE, "tlm_chunk_size": 8}  # inert in offline mode, before any override
+    overrides = {"tlm_selector": "all"}
+    with pytest.raises(TLMConfigError, match="tlm_chunk_size has no effect"):
+        patch.split_args({**recipe, **overrides}, overrides)
+
+
+def test_a_null_override_removes_a_key_that_cannot_be_null():
+    overrides = {"tlm_lambda": None}
+    tlm_args, _ = patch.split_args({**DEMO_RECIPE, "tlm_lambda": 0.5, **overrides}, overrides)
+    assert tlm_args.tlm_lambda == 0.1  # the field's default, not the recipe's 0.5
+
+
+def test_command_line_overrides_are_read_as_llamafactory_reads_them():
+    argv = ["llamafactory-cli", "recipe.yaml", "tlm_mode=per_prompt", "learning_rate=1e-4"]
+    assert patch.command_line_overrides(argv) == {"tlm_mode": "per_prompt", "learning_rate": 1e-4}
+    assert patch.command_line_overrides(["llamafactory-cli", "--stage", "tlm"]) is None
+
+
+def test_the_former_spelling_of_the_per_prompt_mode_still_works_with_one_deprecation_warning():
+    recipe = {"stage": "tlm", "do_train": True, "tlm_reset": "prompt", "tlm_selector": "nearest"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tlm_args, _ = patch.split_args(recipe)
+    deprecations = [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(deprecations) == 1 and "tlm_mode: per_prompt" in str(deprecations[0].message)
+    assert (tlm_args.tlm_mode, tlm_args.tlm_reset, tlm_args.tlm_gate_stream) == ("per_prompt", "never", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        online, _ = patch.split_args({**recipe, "tlm_mode": "online"})  # the former spelling of a streaming gate
+    assert (online.tlm_mode, online.tlm_gate_stream) == ("per_prompt", True)

@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from tlm_plugin import _bootstrap  # noqa: E402  (cheap: the start-up hook, no heavy import)
+
 
 def install() -> None:
     """Enable ``stage: tlm`` in this process (for Python-API users, ``python -S`` or PYTHONPATH installs).
@@ -9,16 +11,7 @@ def install() -> None:
     Patches ``llamafactory.train.tuner`` now if it is already imported, and in any case when it is imported.
     The automatic hook installed by the wheel does the same at interpreter start-up.
     """
-    import sys
-
-    from tlm_plugin import _bootstrap
-
-    _bootstrap.register()
-    tuner = sys.modules.get(_bootstrap.TARGET)
-    if tuner is not None:
-        from tlm_plugin.patch import apply
-
-        apply(tuner)
+    _bootstrap.install()
 
 
 __all__ = ["install", "__version__"]

@@ -26,9 +26,15 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        from tlm_plugin.patch import apply
+        _patch(module)
 
-        apply(module)
+
+def _patch(tuner) -> None:
+    # The one deferred import of the project: this module runs at every interpreter start and must stay cheap;
+    # the patch (and the workflow it brings) is imported only once LLaMA-Factory's tuner is.
+    from tlm_plugin.patch import apply
+
+    apply(tuner)
 
 
 class _TunerFinder(importlib.abc.MetaPathFinder):
@@ -50,6 +56,14 @@ class _TunerFinder(importlib.abc.MetaPathFinder):
 def register() -> None:
     if not any(isinstance(f, _TunerFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _TunerFinder())
+
+
+def install() -> None:
+    """Register the hook, and patch the tuner now if it is already imported."""
+    register()
+    tuner = sys.modules.get(TARGET)
+    if tuner is not None:
+        _patch(tuner)
 
 
 if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):

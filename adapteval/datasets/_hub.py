@@ -1,5 +1,7 @@
 """Loading the paper's datasets from the Hugging Face Hub through ``datasets.load_dataset``."""
 
+import datasets
+
 from adapteval.datasets._base import SourcePart
 from adapteval.errors import DataUnavailableError
 
@@ -17,7 +19,6 @@ def load_split(path: str, split: str, name: str | None = None, cite_as: str | No
     ``hf:<path>`` provenance when ``path`` is a generic loader such as "json". ``datasets`` is looked up at call
     time so tests can substitute ``datasets.load_dataset``.
     """
-    import datasets
 
     where = (cite_as or repr(path)) + (f" (config {name!r})" if name else "") + f", split {split!r}"
     try:

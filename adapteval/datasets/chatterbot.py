@@ -6,6 +6,8 @@ Conversations other than a single question/answer pair are skipped (trivia.yml h
 ones; the shared de-duplication keeps one of each.
 """
 
+import yaml
+
 from adapteval.datasets._base import DatasetSpec, SourcePart, alpaca, text
 from adapteval.datasets._packages import package_dir, package_version
 
@@ -24,8 +26,6 @@ SPEC = DatasetSpec(
 
 
 def load_parts(n: int, seed: int) -> list:
-    import yaml
-
     root = package_dir("chatterbot_corpus") / "data" / "english"
     parts = []
     for name in FILES:

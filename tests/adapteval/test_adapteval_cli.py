@@ -52,3 +52,10 @@ def test_a_new_subcommand_is_one_function(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, add_report_command])
     assert cli.main(["hello", "--results", "r.json"]) == 7
     assert cli.build_parser().parse_args(["build", "--bench", "all", "--out", "x"]).n == 5000
+
+
+def test_commands_that_score_say_which_extra_to_install_when_its_packages_are_missing(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "EXTRA_PACKAGES", {"no_such_module_for_adapteval": "no-such-package"})
+    assert cli.main(["report", "nowhere"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "no-such-package" in err and "llamafactory-tlm[adapteval]" in err

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from adapteval_testing import DATASET, SUBPROCESS_ENV, FakeLauncher, fake_run, write_tiny_recipe
 
-from adapteval import builder, cli, runner
-from adapteval.errors import DataUnavailableError, UnknownNameError
+from adapteval import builder, cli, launch, plan, runner
+from adapteval.errors import CacheConflictError, DataUnavailableError, RunnerError, UnknownNameError
 from adapteval.methods import METHODS, Method, register_method
+from adapteval.methods import trains as recipe_trains
 from adapteval.tables import build_results, format_score, results_markdown
 
 
@@ -71,7 +72,7 @@ def test_run_writes_cells_and_paper_layout_tables(finished_run, data_dir):
         assert recipe["stage"] == "tlm" and recipe["do_train"] is trains and recipe["do_predict"] is True
         assert len(json.loads((cell_dir / "data" / f"{DATASET}.json").read_text())) == 4
         cell = json.loads((cell_dir / "cell.json").read_text())
-        assert cell["format"] == runner.CELL_FORMAT
+        assert cell["format"] == plan.CELL_FORMAT
         assert (cell["dataset"], cell["method"], cell["metric"], cell["n"], cell["limit"]) == (
             DATASET,
             method,
@@ -107,7 +108,7 @@ def test_rerun_reuses_cells_and_report_rebuilds_identical_tables(finished_run, m
     stamps = [path.stat().st_mtime_ns for path in cell_files]
     before = {name: (out / f"results.{name}").read_text() for name in ("json", "csv", "md")}
 
-    monkeypatch.setattr(runner, "launch_llamafactory", fail_if_launched)
+    monkeypatch.setattr(launch, "launch_llamafactory", fail_if_launched)
     capsys.readouterr()
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
@@ -125,7 +126,7 @@ def test_rerun_reuses_cells_and_report_rebuilds_identical_tables(finished_run, m
 @pytest.mark.slow
 def test_a_changed_configuration_is_refused(finished_run, monkeypatch, capsys):
     out, args = finished_run
-    monkeypatch.setattr(runner, "launch_llamafactory", fail_if_launched)
+    monkeypatch.setattr(launch, "launch_llamafactory", fail_if_launched)
     assert cli.main([*args, "--set", "learning_rate=0.5"]) == cli.EXIT_USER_ERROR
     error = capsys.readouterr().err
     assert "different configuration" in error and "fresh --out" in error and "--force" in error
@@ -138,7 +139,7 @@ def test_a_changed_configuration_is_refused(finished_run, monkeypatch, capsys):
 
 def test_a_missing_prediction_row_is_a_clear_error(tmp_path, data_dir):
     launcher = FakeLauncher(answer=lambda index, reference: None if index == 2 else reference)
-    with pytest.raises(runner.RunnerError, match=r"cell chatterbot/base: .* has 3 predictions for 4 input rows"):
+    with pytest.raises(RunnerError, match=r"cell chatterbot/base: .* has 3 predictions for 4 input rows"):
         fake_run(tmp_path, data_dir, launcher)
     assert not (tmp_path / "out" / "cells" / DATASET / "base" / "cell.json").exists()
 
@@ -154,12 +155,12 @@ def test_an_empty_prediction_is_scored_zero_and_recorded(tmp_path, data_dir):
 
 
 def test_a_failed_run_raises_with_its_log_tail(tmp_path, data_dir):
-    with pytest.raises(runner.RunnerError, match=r"(?s)chatterbot/base: llamafactory-cli exited with status 1.*boom"):
+    with pytest.raises(RunnerError, match=r"(?s)chatterbot/base: llamafactory-cli exited with status 1.*boom"):
         fake_run(tmp_path, data_dir, FakeLauncher(fail_on=1))
 
 
 def test_an_interrupted_run_resumes_with_the_unfinished_cells(tmp_path, data_dir):
-    with pytest.raises(runner.RunnerError):
+    with pytest.raises(RunnerError):
         fake_run(tmp_path, data_dir, FakeLauncher(fail_on=2))
     assert (tmp_path / "out" / "cells" / DATASET / "base" / "cell.json").is_file()
     assert not (tmp_path / "out" / "cells" / DATASET / "tlm" / "cell.json").exists()
@@ -171,7 +172,7 @@ def test_an_interrupted_run_resumes_with_the_unfinished_cells(tmp_path, data_dir
 
 def test_force_reruns_cells_of_another_configuration(tmp_path, data_dir):
     fake_run(tmp_path, data_dir, FakeLauncher())
-    with pytest.raises(runner.CacheConflictError, match="different configuration"):
+    with pytest.raises(CacheConflictError, match="different configuration"):
         fake_run(tmp_path, data_dir, FakeLauncher(), limit=3)
     launcher = FakeLauncher()
     cells = fake_run(tmp_path, data_dir, launcher, limit=3, force=True)
@@ -254,19 +255,19 @@ def test_unknown_methods_bad_sets_and_vllm_are_user_errors(tmp_path, data_dir, c
 
 
 def test_benches_resolve_against_the_build_folder(data_dir):
-    assert runner.prepare_data("instruction", Path("unused"), data_dir, False, None) == (data_dir, [DATASET])
-    assert runner.prepare_data("all", Path("unused"), data_dir, False, None)[1] == [DATASET]
+    assert plan.prepare_data("instruction", Path("unused"), data_dir, False, None) == (data_dir, [DATASET])
+    assert plan.prepare_data("all", Path("unused"), data_dir, False, None)[1] == [DATASET]
     with pytest.raises(UnknownNameError, match="names no dataset built"):
-        runner.prepare_data("reasoning", Path("unused"), data_dir, False, None)
+        plan.prepare_data("reasoning", Path("unused"), data_dir, False, None)
     with pytest.raises(DataUnavailableError, match="gsm8k is not in"):
-        runner.prepare_data("gsm8k", Path("unused"), data_dir, False, None)
+        plan.prepare_data("gsm8k", Path("unused"), data_dir, False, None)
 
 
 def test_without_data_the_datasets_are_built_once_into_out(tmp_path):
-    data, names = runner.prepare_data("instruction", tmp_path, None, True, None)
+    data, names = plan.prepare_data("instruction", tmp_path, None, True, None)
     assert (data, names) == (tmp_path / "data", [DATASET])
     stamp = (data / f"{DATASET}.json").stat().st_mtime_ns
-    runner.prepare_data("instruction", tmp_path, None, True, None)
+    plan.prepare_data("instruction", tmp_path, None, True, None)
     assert (data / f"{DATASET}.json").stat().st_mtime_ns == stamp
 
 
@@ -277,6 +278,14 @@ def test_without_data_the_datasets_are_built_once_into_out(tmp_path):
 
 def synthetic_cell(dataset: str, bench: str, method: str, score: float, metric: str = "rougeLsum") -> dict:
     return {"dataset": dataset, "bench": bench, "method": method, "metric": metric, "score": score, "n": 5000}
+
+
+def test_methods_that_train_nothing_say_so():
+    assert [name for name, method in METHODS.items() if not method.trains] == ["base", "tt-icl", "icl"]
+    assert recipe_trains({"do_train": True, "tlm_selector": "generate", "tlm_generate_use": "icl"}) is False
+    assert recipe_trains({"do_train": True, "tlm_selector": "generate", "tlm_generate_use": "train"}) is True
+    assert recipe_trains({"tlm_generate_use": "icl"}) is True  # the key acts only with tlm_selector: generate
+    assert recipe_trains({"stage": "tlm"}) is True  # do_train left to the base recipe: counted as training
 
 
 def test_relative_change_is_formatted_as_in_the_paper():

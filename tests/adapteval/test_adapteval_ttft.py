@@ -129,3 +129,15 @@ def test_cells_are_planned_run_once_resumed_and_reported(tmp_path, monkeypatch):
     assert "vs_nearest" not in rows["tlm"] and "vs_base" not in rows["base"]
     markdown = ttft.markdown(results)
     assert "| qa | sift | 6 | 0.8250 |" in markdown and "-0.2000 [-0.2000, -0.2000]*" in markdown
+
+
+def test_the_report_shows_the_sign_of_a_small_change():
+    row = {"name": "qa", "method": "sift", "n": 6, "bpb": 0.99996, "content_bpb": None, "optimizer_steps": 18}
+    row |= {
+        "run_s": 3.0,
+        "relative_change": -0.00004,
+        "vs_base": {"diff": -0.00004, "ci_low": -0.00006, "ci_high": 0.0},
+    }
+    markdown = ttft.markdown({"rows": [row]})
+    # before: "| -0.0000 [-0.0001, +0.0000] | -0.00% |": a change and an interval that look like 0
+    assert "| qa | sift | 6 | 1.0000 | - | -0.00004 [-0.00006, +0.00000] | -0.004% | - | 18 | 3 |" in markdown

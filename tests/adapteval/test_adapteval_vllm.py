@@ -15,7 +15,8 @@ import pytest
 import yaml
 from adapteval_testing import DATASET, SUBPROCESS_ENV, FakeLauncher, fake_run, write_tiny_recipe
 
-from adapteval import builder, runner, vllm_predict
+from adapteval import builder, launch, runner, vllm_predict
+from adapteval.errors import CacheConflictError, RunnerError
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def vllm_installed(monkeypatch):
-    monkeypatch.setattr(runner, "vllm_installed", lambda: True)
+    monkeypatch.setattr(launch, "vllm_installed", lambda: True)
 
 
 def hf_engine(args):
@@ -91,7 +92,7 @@ def test_offline_cells_adapt_then_answer_with_vllm_online_cells_keep_hf(tmp_path
     assert "vllm ok" in (out / "tlm" / "run.log").read_text()
 
     # the backend is part of a vLLM cell's identity: the same cells with --backend hf are another configuration
-    with pytest.raises(runner.CacheConflictError, match="tlm/cell.json"):
+    with pytest.raises(CacheConflictError, match="tlm/cell.json"):
         fake_run(tmp_path, data_dir, AdapterWritingLauncher(), methods="tlm", backend="hf")
     fake_run(tmp_path, data_dir, AdapterWritingLauncher(), methods="tlm-online", backend="hf")  # same cell: cached
 
@@ -100,7 +101,7 @@ def test_a_training_run_without_adapter_is_a_clear_error(tmp_path, data_dir, vll
     class NoAdapter(FakeLauncher):
         pass
 
-    with pytest.raises(runner.RunnerError, match="saved no LoRA adapter"):
+    with pytest.raises(RunnerError, match="saved no LoRA adapter"):
         fake_run(tmp_path, data_dir, NoAdapter(), methods="tlm", backend="vllm", predictor=FakePredictor())
 
 

@@ -5,12 +5,11 @@ import math
 import os
 import socket
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from openai_server import OpenAIServer
 from tlm_testing import CANARY, QUESTIONS, VENV_BIN, base_recipe, read_jsonl, run_cli, write_dataset
 
 from tlm_plugin.selectors.generate import filter_examples, parse_examples
@@ -80,41 +79,7 @@ def test_generator_output_is_parsed_and_never_trusted():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# An OpenAI-compatible test server that writes well-formed examples and records every request
-
-
-class _Server:
-    def __init__(self, reply: str) -> None:
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, payload: dict) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                message = {"role": "assistant", "content": reply}
-                self._send({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
+# Against an OpenAI-compatible test server (tests/openai_server.py) that writes well-formed examples
 
 
 TEACHER_REPLY = (
@@ -134,7 +99,7 @@ def run_in_process(recipe: dict) -> None:
 def test_tt_d_with_an_endpoint_trains_on_usable_examples_and_never_sends_the_answer(
     tiny_model, tiny_data, tmp_path, monkeypatch
 ):
-    server = _Server(TEACHER_REPLY)
+    server = OpenAIServer(TEACHER_REPLY)
     monkeypatch.setenv("TEST_TEACHER_KEY", "secret-key")
     try:
         out = tmp_path / "out"
@@ -186,7 +151,7 @@ def test_leaked_and_repeated_examples_are_filtered_and_a_prompt_without_examples
     rows = [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS[:2]]
     data = write_dataset(tmp_path / "data", rows)
     leak = f"### Example 1\nInput: Something new?\nOutput: {QUESTIONS[0][1]}\n### Example 2\nInput: {QUESTIONS[1][0]}\nOutput: x\n"
-    server = _Server(leak)
+    server = OpenAIServer(leak)
     try:
         out = tmp_path / "out"
         run_in_process(
@@ -211,7 +176,7 @@ def test_leaked_and_repeated_examples_are_filtered_and_a_prompt_without_examples
 
 @pytest.mark.slow
 def test_tt_icl_answers_with_the_examples_as_demonstrations_and_does_not_train(tiny_model, tiny_data, tmp_path):
-    server = _Server(TEACHER_REPLY)
+    server = OpenAIServer(TEACHER_REPLY)
     try:
         out = tmp_path / "out"
         run_in_process(
@@ -322,8 +287,13 @@ def test_sampled_candidates_for_free_form_prompts(tiny_model, tiny_data, tmp_pat
     for r in read_jsonl(out / "tlm_generated.jsonl"):
         texts = [c["text"] for c in r["candidates"]]
         assert 1 <= len(texts) <= 4 and len(set(" ".join(t.split()) for t in texts)) == len(texts)
-        assert sum(c["p"] for c in r["candidates"]) == pytest.approx(1.0)
-        assert r["gate_score"] == pytest.approx(margin([c["score"] for c in r["candidates"]])[0])
+        # the margin by hand: softmax over the candidates' mean log-likelihoods, top probability minus the second
+        exps = [math.exp(c["score"]) for c in r["candidates"]]
+        probs = [e / sum(exps) for e in exps]
+        assert [c["p"] for c in r["candidates"]] == pytest.approx(probs)
+        ranked = sorted(probs, reverse=True)
+        assert r["gate_score"] == pytest.approx(ranked[0] - ranked[1] if len(ranked) > 1 else 1.0)
+        assert r["flagged"] == (r["gate_score"] < 0.95)  # the default tlm_gate_tau (TT-SI's)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import torch
 
-from tlm_plugin.hparams import TLMArguments
 from tlm_plugin import registry
+from tlm_plugin.hparams import TLMArguments
 from tlm_plugin.selectors import Selector
 from tlm_plugin.selectors.perplexity import PerplexitySelector, RandomSelector
 from tlm_plugin.train.setup import build_selector

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 from tlm_testing import QUESTIONS, base_recipe, read_jsonl, run_cli, write_dataset
 
+from tlm_plugin.train.trainer import TLMTrainer
+
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +21,21 @@ def run_in_process(recipe: dict) -> None:
     run_exp(recipe)
 
 
-def test_subset_mode_trains_on_the_sift_picks(tiny_model, tiny_data, tmp_path):
+def test_subset_mode_trains_on_the_sift_picks(tiny_model, tiny_data, tmp_path, monkeypatch):
+    trained = []  # the prompts each training micro-batch holds, read from its tokens
+    compute_loss = TLMTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        for ids, attention in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()):
+            text = self.processing_class.decode([t for t, a in zip(ids, attention) if a])
+            trained.append([i for i, (q, _) in enumerate(QUESTIONS) if q in text])
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TLMTrainer, "compute_loss", spy)
     out = tmp_path / "out"
     run_in_process(base_recipe(tiny_model, tiny_data, out, tlm_selector="sift", tlm_sift_budget=5, do_predict=True))
     (line,) = read_jsonl(out / "tlm_sift_selection.jsonl")
+    assert sorted(i for (i,) in trained) == sorted(line["picks"])  # each pick once (one epoch), nothing else
     assert len(line["picks"]) == 5 and all(0 <= i < len(QUESTIONS) for i in line["picks"])
     assert all(a >= b for a, b in zip(line["variances"], line["variances"][1:]))  # variance only falls
     summary = json.loads((out / "tlm_summary.json").read_text())

@@ -28,7 +28,6 @@ from tlm_plugin.train.run import base_rows, measure_after, save_predictions
 logger = get_logger(__name__)
 
 
-
 def _scored_rows(run) -> list[dict[str, Any]]:
     """The before-scores of an interrupted run, if it is being resumed (else None)."""
     if run.resume_from is None:
@@ -150,7 +149,7 @@ def pool_scores_and_embeddings(run) -> tuple[dict, dict, np.ndarray, np.ndarray]
     elif not embed and run.tlm_args.per_prompt:  # per prompt, pool rows need no score: only embeddings
         pool_scores = {}
     else:
-        pool_scores = run.score(run.pool, embed=embed)
+        pool_scores = run.score(run.pool, embed=embed, desc="embedding the pool")
         pool_scores["log_ppl"] = mean_nll(pool_scores, "loss_mask")
     prompt_emb, pool_emb = _embeddings(run, prompt_scores, pool_scores)
     return prompt_scores, pool_scores, prompt_emb, pool_emb

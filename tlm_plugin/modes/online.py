@@ -39,7 +39,6 @@ from tlm_plugin.train.snapshot import TrainingSnapshot
 logger = get_logger(__name__)
 
 
-
 def build_stream(prompts: Dataset, chunk_size: int, per_update: int) -> tuple[Dataset, list[int]]:
     """The prompts in order with a ``chunk`` column, each chunk padded to a multiple of ``per_update`` rows by
     repeating its last row with ``index`` -1; and the global step at which each chunk's last update ends."""

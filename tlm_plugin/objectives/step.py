@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tlm_plugin import seam
 from tlm_plugin.objectives.entropy import come_loss, eata_loss, eata_threshold, mean_entropy, tent_loss
 from tlm_plugin.train.backend import generation_module, shards_parameters
 from tlm_plugin.train.generation import generate
@@ -113,7 +114,7 @@ def estimate_fisher(trainer, rows: list[dict]) -> tuple[dict[str, torch.Tensor],
     was_training = model.training
     model.train()
     for row in rows:
-        batch = trainer._prepare_inputs(trainer.data_collator([row]))
+        batch = seam.prepare_inputs(trainer, trainer.data_collator([row]))
         pseudo_label_nll(trainer, model, batch).backward()
         for n, p in params.items():
             if p.grad is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from tlm_plugin.selectors.base import PromptDataSource
 from tlm_plugin.settings.demos import compile_pattern
 from tlm_plugin.train.outputs import DEMOS_FILE
+from tlm_plugin.train.token_scope import spans_mask
 
 
 DEFAULT_PATTERN = r"(?ms)^Q:[ \t]*(?P<input>.+?)\s*^A:[ \t]*(?P<output>\S.*?)\s*(?=^Q:|\Z)"
@@ -163,8 +164,6 @@ class DemoSource(PromptDataSource):
     def _pattern_sequence(self, split: dict, order: list[int], targets: list[int]) -> dict[str, list[int]]:
         """The instruction and the Q/A blocks in ``order`` as one user turn, the loss on the answers of
         ``targets`` only (token positions from the template's own encoding of the turn)."""
-        from tlm_plugin.train.token_scope import spans_mask
-
         row = split["row"]
         text = row["_prompt"][-1]["content"]
         matches = list(self.pattern.finditer(text))

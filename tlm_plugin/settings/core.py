@@ -12,7 +12,7 @@ class CoreArguments(SettingsGroup):
 
     purpose = "every run"
 
-    tlm_mode: Literal["offline", "online", "per_prompt"] = setting(
+    tlm_mode: str = setting(
         "offline",
         "offline: adapt on all test prompts, then answer them. online: answer a chunk of `tlm_chunk_size` prompts, "
         "then learn from it (Algorithm 1 of the paper). per_prompt: for each prompt, learn from the data its "
@@ -27,10 +27,11 @@ class CoreArguments(SettingsGroup):
     )
     tlm_chunk_size: int = setting(
         100,
-        'Online mode: number of test prompts answered before the model learns from them.', low=1,
+        "Online mode: number of test prompts answered before the model learns from them.",
+        low=1,
     )
     tlm_loss_tokens: Literal["prompt", "user"] = setting(
-        'prompt',
+        "prompt",
         "Which tokens the score S(x) and the loss count. prompt (the paper's): every token of the chat-templated prompt. user: only the user's content (instruction and input), without system prompt, role headers and the assistant header.",
     )
     tlm_eval_answers: bool = setting(
@@ -39,11 +40,12 @@ class CoreArguments(SettingsGroup):
     )
     tlm_score_batch_size: int | None = setting(
         None,
-        "Rows per batch of the no-grad passes (scores, embeddings, answer likelihoods). Default: batches of length-sorted rows holding at most per_device_train_batch_size x the longest prompt's tokens, so a scoring batch never holds more tokens (or logits) than the largest training batch, and short prompts are batched many at a time.", low=1,
+        "Rows per batch of the no-grad passes (scores, embeddings, answer likelihoods). Default: batches of length-sorted rows holding at most per_device_train_batch_size x the longest prompt's tokens, so a scoring batch never holds more tokens (or logits) than the largest training batch, and short prompts are batched many at a time.",
+        low=1,
     )
     tlm_score_prefix_cache: bool = setting(
         True,
-        'In the scoring passes, run the tokens that every prompt starts with (chat template, system prompt, role header, a fixed instruction) through the model once and reuse their key/value cache for every batch. Exact up to float rounding (checked against a full forward on the first batch); false scores every prompt with a full forward.',
+        "In the scoring passes, run the tokens that every prompt starts with (chat template, system prompt, role header, a fixed instruction) through the model once and reuse their key/value cache for every batch. Exact up to float rounding (checked against a full forward on the first batch); false scores every prompt with a full forward.",
     )
 
     def inert_fields(self) -> dict[str, str]:

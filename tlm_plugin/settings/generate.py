@@ -13,24 +13,30 @@ class GenerateArguments(SettingsGroup):
     purpose = "tlm_selector: generate"
 
     tlm_generator: str = setting(
-        'self',
-        'tlm_selector: generate: who writes the examples. self (TT-SI: the model being adapted, in its starting state), a local model folder or hub id (TT-D: loaded once), or an OpenAI-compatible endpoint URL http://host:port/v1 (llamafactory-cli api, vLLM, a hosted API; key from tlm_generate_api_key_env).',
+        "self",
+        "tlm_selector: generate: who writes the examples. self (TT-SI: the model being adapted, in its starting state), a local model folder or hub id (TT-D: loaded once), or an OpenAI-compatible endpoint URL http://host:port/v1 (llamafactory-cli api, vLLM, a hosted API; key from tlm_generate_api_key_env).",
     )
     tlm_generate_k: int = setting(
         1,
-        'Examples written per flagged prompt (TT-SI: 1).', low=1,
+        "Examples written per flagged prompt (TT-SI: 1).",
+        low=1,
     )
     tlm_generate_temperature: float = setting(
         0.7,
-        'Sampling temperature of the generator.', low=0,
+        "Sampling temperature of the generator.",
+        low=0,
     )
     tlm_generate_top_p: float = setting(
         0.95,
-        'Nucleus sampling top-p of the generator.', low=0, low_open=True, high=1,
+        "Nucleus sampling top-p of the generator.",
+        low=0,
+        low_open=True,
+        high=1,
     )
     tlm_generate_max_tokens: int = setting(
         512,
-        'Tokens the generator may write per prompt.', low=1,
+        "Tokens the generator may write per prompt.",
+        low=1,
     )
     tlm_generate_prompt: str | None = setting(
         None,
@@ -38,14 +44,14 @@ class GenerateArguments(SettingsGroup):
     )
     tlm_generate_model: str | None = setting(
         None,
-        'Endpoint generators: the model name (default: the first one it lists).',
+        "Endpoint generators: the model name (default: the first one it lists).",
     )
     tlm_generate_api_key_env: str = setting(
-        'OPENAI_API_KEY',
-        'Endpoint generators: environment variable holding the key.',
+        "OPENAI_API_KEY",
+        "Endpoint generators: environment variable holding the key.",
     )
     tlm_generate_use: Literal["train", "icl"] = setting(
-        'train',
+        "train",
         "train (TT-SI / TT-D): SFT on the examples' answers for tlm_prompt_epochs, then answer. icl (TT-ICL): no training; the examples become demonstrations in the prompt.",
     )
 

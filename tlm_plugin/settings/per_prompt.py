@@ -11,7 +11,8 @@ class PerPromptArguments(SettingsGroup):
 
     tlm_prompt_epochs: int = setting(
         1,
-        "Passes over each prompt's training rows (SIFT: 1, one step per pick; TT-SI: 5). Batches of per_device_train_batch_size, one optimizer step per gradient_accumulation_steps.", low=1,
+        "Passes over each prompt's training rows (SIFT: 1, one step per pick; TT-SI: 5). Batches of per_device_train_batch_size, one optimizer step per gradient_accumulation_steps.",
+        low=1,
     )
     tlm_prompt_warmup_steps: int = setting(
         0,
@@ -22,6 +23,8 @@ class PerPromptArguments(SettingsGroup):
 
     def inert_fields(self) -> dict[str, str]:
         if getattr(self, "tlm_selector", None) == "generate" and getattr(self, "tlm_generate_use", "") == "icl":
-            return {"tlm_prompt_epochs": "tlm_generate_use: icl does not train",
-                    "tlm_prompt_warmup_steps": "tlm_generate_use: icl does not train"}
+            return {
+                "tlm_prompt_epochs": "tlm_generate_use: icl does not train",
+                "tlm_prompt_warmup_steps": "tlm_generate_use: icl does not train",
+            }
         return {}

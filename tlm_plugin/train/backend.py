@@ -18,18 +18,35 @@ Nothing here calls ``Trainer.predict`` / ``evaluate``: transformers refuses ZeRO
 """
 
 import contextlib
+import copy
 import datetime
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, register_fsdp_forward_method
+from tqdm.auto import tqdm
+from transformers.integrations.deepspeed import deepspeed_init
+
+from tlm_plugin.seam import (
+    forget_prepared_model,
+    forget_prepared_optimizer,
+    fsdp_peft_plugin_updates,
+    remove_engine_forward_hooks,
+)
 
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def progress(total: int, desc: str):
+    """A progress bar of a long no-grad pass (rank 0 only; none for a pass of one batch)."""
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=rank_and_world()[0] != 0 or total < 2)
 
 
 def is_zero3(trainer) -> bool:
@@ -120,16 +137,7 @@ def generation_module(trainer, model) -> torch.nn.Module:
 
 def is_fsdp_prepared(model) -> bool:
     """Whether ``model`` is already sharded by FSDP (an FSDP1 wrapper, or a module FSDP2's ``fully_shard`` made)."""
-    if is_fsdp1_wrapper(model):
-        return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return False
-    return isinstance(model, FSDPModule)
+    return isinstance(model, (FullyShardedDataParallel, FSDPModule))
 
 
 def prepare_fsdp_early(trainer) -> None:
@@ -145,39 +153,23 @@ def prepare_fsdp_early(trainer) -> None:
     """
     accelerator = trainer.accelerator
     if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
-        from tlm_plugin.seam import forget_prepared_optimizer
-
         trainer.create_optimizer()
         model, optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
         trainer.optimizer = forget_prepared_optimizer(accelerator, optimizer)
         if hasattr(model, "generate"):  # as transformers does after its own preparation
-            try:
-                from torch.distributed.fsdp import register_fsdp_forward_method
-            except ImportError:  # torch < 2.6
-                from torch.distributed._composable.fsdp import register_fsdp_forward_method
             register_fsdp_forward_method(model, "generate")
     else:
-        from tlm_plugin.seam import fsdp_peft_plugin_updates
-
         fsdp_peft_plugin_updates(trainer)
         model = accelerator.prepare(trainer.model)
     trainer.model = trainer.model_wrapped = model
 
 
 def is_fsdp1_wrapper(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return False
     return isinstance(model, FullyShardedDataParallel)
 
 
 def _zero3_inference_engine(trainer) -> Any:
     """A ZeRO-3 inference engine on ``trainer.model`` (transformers' own path for evaluation before training)."""
-    import copy
-
-    from transformers.integrations.deepspeed import deepspeed_init
-
     config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
     # Inference deletes the optimizer section and fills `auto` step counts with 0. The dict is shared with
     # accelerate's plugin (deepspeed_config), which the training engine is built from: restore it in place.
@@ -193,12 +185,10 @@ def _zero3_inference_engine(trainer) -> Any:
 
 def _release_inference_engine(trainer, engine) -> None:
     """Remove the inference engine's hooks and references, so that ``train()`` builds its own engine."""
-    from tlm_plugin.seam import remove_engine_forward_hooks
-
     engine.destroy()
     remove_engine_forward_hooks(engine)  # destroy() leaves them on the module: each would run at every forward
     accelerator = trainer.accelerator
-    accelerator._models = [m for m in accelerator._models if m is not engine]
+    forget_prepared_model(accelerator, engine)
     accelerator.deepspeed_engine_wrapped = None
     trainer.model_wrapped = trainer.model
     trainer.deepspeed = None
@@ -293,8 +283,6 @@ def wait_for_all() -> None:
 
 def is_local_main() -> bool:
     """Local rank 0: the process that manages this node's own copy of ``output_dir``."""
-    import os
-
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 

@@ -11,19 +11,18 @@
 """
 
 import copy
-from typing import TYPE_CHECKING, Any
+import json
+import os
+from typing import Any
 
+from datasets import Dataset
 from llamafactory.data import get_dataset
 from llamafactory.extras import logging
 from llamafactory.extras.constants import IGNORE_INDEX
 
 from tlm_plugin import seam
-from tlm_plugin.hparams import TLMConfigError
-from tlm_plugin.train.token_scope import TemplateScopeError, truncated_user_content_mask
-
-
-if TYPE_CHECKING:
-    from datasets import Dataset
+from tlm_plugin.errors import TLMConfigError
+from tlm_plugin.train.token_scope import TemplateScopeError, answer_content_mask, truncated_user_content_mask
 
 
 logger = logging.get_logger(__name__)
@@ -31,12 +30,12 @@ logger = logging.get_logger(__name__)
 MEDIA_COLUMNS = ("_images", "_videos", "_audios")
 
 
-def load_aligned(names: list[str], model_args, data_args, training_args) -> "Dataset":
+def load_aligned(names: list[str], model_args, data_args, training_args) -> Dataset:
     """LLaMA-Factory's aligned rows (``_prompt``, ``_response``, ``_system``, ``_tools``, media) of ``names``."""
     return seam.merged_dataset(names, model_args, data_args, training_args, stage="tlm")
 
 
-def check_text_only(aligned: "Dataset", what: str) -> None:
+def check_text_only(aligned: Dataset, what: str) -> None:
     """Refuse multimodal rows: their media would be dropped while the template keeps the media tokens."""
     for column in MEDIA_COLUMNS:
         if column in aligned.column_names:
@@ -48,7 +47,7 @@ def check_text_only(aligned: "Dataset", what: str) -> None:
                 )
 
 
-def prompt_dataset(dataset: "Dataset") -> "Dataset":
+def prompt_dataset(dataset: Dataset) -> Dataset:
     """Templated ``input_ids`` as at generation time and the row ``index``; every other column is dropped."""
     if dataset is None or len(dataset) == 0:
         raise TLMConfigError("The dataset has no valid prompt (check `dataset` and `dataset_dir`).")
@@ -57,7 +56,7 @@ def prompt_dataset(dataset: "Dataset") -> "Dataset":
     return dataset.add_column("index", list(range(len(dataset))))
 
 
-def check_prompts(prompts: "Dataset", template, tokenizer) -> None:
+def check_prompts(prompts: Dataset, template, tokenizer) -> None:
     """Refuse a dataset whose prompts are all empty (only the chat template's own tokens are left)."""
     empty, _ = template.encode_oneturn(
         tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
@@ -73,8 +72,8 @@ def check_prompts(prompts: "Dataset", template, tokenizer) -> None:
 
 
 def with_masks(
-    prompts: "Dataset", aligned: "Dataset", template, tokenizer, cutoff_len: int, loss_tokens: str, what: str
-) -> "Dataset":
+    prompts: Dataset, aligned: Dataset, template, tokenizer, cutoff_len: int, loss_tokens: str, what: str
+) -> Dataset:
     """Add ``user_mask`` (1 = a token of the user's own content) and ``loss_mask`` (the scope of S(x) and the loss).
 
     With ``loss_tokens == "user"`` the loss mask is the user mask and a template without a user slot is an error;
@@ -83,7 +82,7 @@ def with_masks(
     """
     required = loss_tokens == "user"
 
-    def unavailable(reason: str) -> "Dataset":
+    def unavailable(reason: str) -> Dataset:
         if required:
             raise TLMConfigError(f"tlm_loss_tokens: user ({what}): {reason}")
         logger.warning_rank0(f"No user-token log-perplexity (log_ppl_user) for {what}: {reason}")
@@ -174,10 +173,8 @@ def load_pool(names: str, template, model_args, data_args, training_args, tokeni
     return _exchange_rows(aligned, answered, template, tokenizer, pool_args, loss_tokens, names)
 
 
-def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_tokens: str, names: str) -> "Dataset":
+def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_tokens: str, names: str) -> Dataset:
     """Pool rows encoded as whole exchanges (prompt + answer), with loss and user masks over them."""
-    from datasets import Dataset
-
     processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
     sft_args = copy.copy(data_args)
     sft_args.mask_history, sft_args.train_on_prompt = True, False
@@ -218,7 +215,7 @@ def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_token
     return Dataset.from_dict(rows)
 
 
-def answer_rows(aligned: "Dataset", encoder: "Encoder") -> list[dict[str, Any]]:
+def answer_rows(aligned: Dataset, encoder: "Encoder") -> list[dict[str, Any]]:
     """For each row with a reference answer: ``index`` and :meth:`Encoder.answer_row`; rows without one are left out
     (the caller counts them)."""
     rows = []
@@ -276,8 +273,6 @@ class Encoder:
         truncates them), ``answer_content_mask`` (the answer's own content tokens, from the template's encoding of
         the assistant turn; all zero when that cannot be rebuilt or the row was truncated), ``answer_bytes``,
         ``answer_truncated``. None when the processor drops the row."""
-        from tlm_plugin.train.token_scope import TemplateScopeError, answer_content_mask
-
         encoded = self.exchange(messages, answer, system, tools)
         if encoded is None:
             return None
@@ -323,9 +318,6 @@ class Encoder:
 def raw_column(data_args, column: str, n_rows: int) -> list:
     """A column of the recipe's dataset files as written (e.g. the answer options of each row), one value per
     prompt; the files are read as JSON / JSON lines through dataset_info.json."""
-    import json
-    import os
-
     info_path = os.path.join(data_args.dataset_dir, "dataset_info.json")
     try:
         with open(info_path, encoding="utf-8") as f:

@@ -1,11 +1,14 @@
 """Embeddings for the pool selectors (SIFT, nearest): the LLM's own, or a sentence encoder's."""
 
+import hashlib
 import os
 
 import numpy as np
 import torch
+from transformers import AutoModel, AutoTokenizer
 
-from tlm_plugin.hparams import TLMConfigError
+from tlm_plugin.cache import cache_dir
+from tlm_plugin.errors import TLMConfigError
 
 
 def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32, device: str = "cpu") -> np.ndarray:
@@ -27,10 +30,6 @@ def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32,
 
 
 def _cache_path(encoder_dir: str, texts: list[str]):
-    import hashlib
-
-    from tlm_plugin.assets import cache_dir
-
     if not os.path.isdir(encoder_dir):
         return None
     digest = hashlib.sha256()
@@ -44,8 +43,6 @@ def _cache_path(encoder_dir: str, texts: list[str]):
 
 
 def _encode(encoder_dir: str, texts: list[str], batch_size: int, device: str) -> np.ndarray:
-    from transformers import AutoModel, AutoTokenizer
-
     if not os.path.isdir(encoder_dir):
         raise TLMConfigError(
             f"tlm_sift_embedder: {encoder_dir!r} is neither 'model' nor a sentence-encoder directory. "

@@ -8,6 +8,7 @@ lock-step batches and ``synced_gpus``). ``generated_predictions.jsonl`` has LLaM
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.extras.logging import get_logger
+from llamafactory.train.sft.metric import ComputeSimilarity
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import EvalPrediction
 
 from tlm_plugin.train.backend import (
@@ -23,6 +26,7 @@ from tlm_plugin.train.backend import (
     lockstep_count,
     my_rows,
     no_grad_model,
+    progress,
     rank_and_world,
     shards_parameters,
 )
@@ -41,12 +45,8 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 def _summon(module) -> contextlib.AbstractContextManager:
     """FSDP1 generates with the root's full parameters gathered (as transformers' own Seq2SeqTrainer does); the
     wrapped layers gather their own in their forwards. FSDP2 registers ``generate`` as a forward method instead."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:
-        return contextlib.nullcontext()
-    if isinstance(module, FSDP):
-        return FSDP.summon_full_params(module, writeback=False, recurse=False)
+    if isinstance(module, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(module, writeback=False, recurse=False)
     return contextlib.nullcontext()
 
 
@@ -88,8 +88,9 @@ def generate_answers(trainer, dataset, gen_kwargs: dict[str, Any], batch_size: i
     lockstep = shards_parameters(trainer)
     n_batches = lockstep_count(len(batches), lockstep) if len(dataset) else 0
     local: dict[int, list[int]] = {}
-    with no_grad_model(trainer) as model:
+    with no_grad_model(trainer) as model, progress(n_batches, "answering") as bar:
         for b in range(n_batches):
+            bar.update()
             batch_rows = batches[b] if b < len(batches) else [0]
             answers = generate_ids(
                 trainer, model, [list(dataset[r]["input_ids"]) for r in batch_rows], gen_kwargs, lockstep
@@ -120,10 +121,6 @@ METRIC_PACKAGES = {"jieba": "jieba", "nltk": "nltk", "rouge_chinese": "rouge-chi
 def similarity_metrics(tokenizer, answers: list[list[int]], labels: list[list[int]]) -> dict[str, float]:
     """LLaMA-Factory's predict metrics (ROUGE-1/2/L, BLEU-4 x 100, means over rows) of these answers; empty, with one
     warning, where the packages LLaMA-Factory computes them with are missing (the predictions are written anyway)."""
-    import importlib.util
-
-    from llamafactory.train.sft.metric import ComputeSimilarity
-
     if not answers:
         return {}
     missing = [pip for module, pip in METRIC_PACKAGES.items() if importlib.util.find_spec(module) is None]

@@ -105,7 +105,10 @@ class PromptLearner:
         log-perplexity for one pool row)."""
         pad = self.trainer.processing_class.pad_token_id
         padded = pad_batch(
-            [r["input_ids"] for r in batch], pad, {"loss_mask": [r["loss_mask"] for r in batch]}, device=self.args.device
+            [r["input_ids"] for r in batch],
+            pad,
+            {"loss_mask": [r["loss_mask"] for r in batch]},
+            device=self.args.device,
         )
         ids, attention, counted = padded["input_ids"], padded["attention_mask"], padded["loss_mask"]
         with self.trainer.accelerator.autocast():
@@ -170,5 +173,3 @@ def mean_loss(learner: PromptLearner, rows: list[dict[str, Any]]) -> float | Non
             nll, n = row_nll(learner.model, row, ("loss_mask",), learner.args.device)["loss_mask"]
             total, count = total + nll, count + n
     return total / max(count, 1)
-
-

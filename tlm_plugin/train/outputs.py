@@ -153,6 +153,26 @@ def write_identity(output_dir: str, identity: str, mode: str) -> None:
     atomic_write(os.path.join(output_dir, RUN_FILE), json.dumps({"identity": identity, "mode": mode}) + "\n")
 
 
+def mark_finished(output_dir: str) -> None:
+    """Record in ``tlm_run.json`` that the run wrote all its files (a rerun then reports it instead of redoing it)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    atomic_write(path, json.dumps({**record, "finished": True}) + "\n")
+
+
+def finished_run(output_dir: str | None) -> dict[str, Any] | None:
+    """The run record (``identity``, ``mode``) of a finished stage-tlm run in ``output_dir``, else None."""
+    if not output_dir:
+        return None
+    try:
+        with open(os.path.join(output_dir, RUN_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("finished") and os.path.isfile(os.path.join(output_dir, SUMMARY_FILE)) else None
+
+
 def check_identity(output_dir: str, identity: str) -> None:
     """Refuse to resume a run made with other settings (its records would mix with this run's)."""
     path = os.path.join(output_dir, RUN_FILE)

@@ -23,6 +23,7 @@ from tlm_plugin.train.backend import (
     lockstep_count,
     my_rows,
     no_grad_model,
+    progress,
     shards_parameters,
 )
 from tlm_plugin.train.batching import pad_batch
@@ -64,6 +65,7 @@ def nll_pass(
     batch_size: int | None = None,
     token_budget: int | None = None,
     prefix_cache: bool = True,
+    desc: str = "no-grad pass",
 ) -> dict[str, Any]:
     """Per-row NLL sums (nats) and counted tokens under each mask, with the current model, without gradient.
 
@@ -93,8 +95,9 @@ def nll_pass(
         local[f"{mask}_nll"], local[f"{mask}_tokens"] = [], []
     state = {"shared": None, "checked": False, "off": prefix_ids is None, "used": 0}
     device = trainer.args.device
-    with no_grad_model(trainer) as model, trainer.accelerator.autocast():
+    with no_grad_model(trainer) as model, trainer.accelerator.autocast(), progress(n_batches, desc) as bar:
         for b in range(n_batches):
+            bar.update()
             padding = b >= len(batches)
             batch_rows = batches[b] if not padding else [batches[0][0] if batches else 0]
             batch = _collate([dataset[r] for r in batch_rows], masks, trainer.processing_class.pad_token_id, device)

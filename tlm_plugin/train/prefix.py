@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from llamafactory.extras import logging
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tlm_plugin.train.loss import token_nll
 
@@ -48,9 +50,6 @@ def common_prefix_length(sequences) -> int:
 
 
 def _plain_cache(cache: Any) -> bool:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 

@@ -77,7 +77,7 @@ class Run:
     def is_main(self) -> bool:
         return rank_and_world()[0] == 0
 
-    def score(self, dataset, masks=("loss_mask",), embed=False) -> dict[str, Any]:
+    def score(self, dataset, masks=("loss_mask",), embed=False, desc="scoring") -> dict[str, Any]:
         """A no-grad pass (:func:`tlm_plugin.train.passes.nll_pass`) with this run's batching settings."""
         return nll_pass(
             self.trainer,
@@ -87,6 +87,7 @@ class Run:
             batch_size=self.tlm_args.tlm_score_batch_size,
             token_budget=self.training_args.per_device_train_batch_size * max(map(len, self.prompts["input_ids"])),
             prefix_cache=self.tlm_args.tlm_score_prefix_cache,
+            desc=desc,
         )
 
     def prompt_scores(self, embed: bool = False) -> dict[str, Any]:
@@ -103,7 +104,7 @@ class Run:
         answers = self.answers if answers is None else answers
         if answers is None or len(answers) == 0:
             return {}
-        return answer_bpb_from(self.score(answers, masks=ANSWER_MASKS), answers)
+        return answer_bpb_from(self.score(answers, masks=ANSWER_MASKS, desc="answer likelihoods"), answers)
 
 
 ANSWER_MASKS = ("answer_mask", "answer_content_mask")

@@ -4,9 +4,11 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from llamafactory.extras.logging import get_logger
+from transformers import AutoConfig
 
-from tlm_plugin import registry
+from tlm_plugin import registry, seam
 from tlm_plugin.errors import TLMConfigError
+from tlm_plugin.selectors.generate import check_endpoint, is_endpoint
 from tlm_plugin.train.outputs import run_identity
 
 
@@ -25,6 +27,8 @@ def build_selector(tlm_args: "TLMArguments", seed: int = 0):
     if a.kind == "pool":
         return build_pool_selector(a, seed)
     cls = registry.load(registry.impl(a.tlm_selector, a.tlm_mode).cls)
+    if hasattr(cls, "from_settings"):  # a method with settings of its own builds itself from its groups
+        return cls.from_settings(a.method_settings(), seed=seed, streaming=a.tlm_mode == "online")
     return cls(
         lam=a.tlm_lambda,
         log_p0=a.tlm_log_p0,
@@ -38,6 +42,8 @@ def build_pool_selector(tlm_args: "TLMArguments", seed: int):
     """The pool selector (sift, nearest, random), for all prompts or seeded for one prompt."""
     a = tlm_args
     cls = registry.load(registry.impl(a.tlm_selector, a.tlm_mode).cls)
+    if hasattr(cls, "from_settings"):
+        return cls.from_settings(a.method_settings(), seed=seed)
     return cls(
         budget=a.tlm_sift_budget,
         lambda_=a.tlm_sift_lambda,
@@ -110,8 +116,6 @@ def check_generator(tlm_args: "TLMArguments", training_args) -> None:
     """``tlm_selector: generate``: an endpoint must answer and a teacher must be loadable, before the model loads."""
     if tlm_args.tlm_selector != "generate" or tlm_args.tlm_generator == "self":
         return
-    from tlm_plugin.selectors.generate import check_endpoint, is_endpoint
-
     generator = tlm_args.tlm_generator
     if is_endpoint(generator):
         problem = check_endpoint(generator, tlm_args.tlm_generate_api_key_env)
@@ -119,8 +123,6 @@ def check_generator(tlm_args: "TLMArguments", training_args) -> None:
             raise TLMConfigError(problem)
         return
     try:
-        from transformers import AutoConfig
-
         AutoConfig.from_pretrained(os.path.expanduser(generator))
     except (OSError, ValueError) as err:
         raise TLMConfigError(f"tlm_generator: the teacher model {generator!r} cannot be loaded ({err}).") from err
@@ -131,7 +133,7 @@ def generation_kwargs(generating_args, tokenizer) -> dict[str, Any]:
     gen_kwargs = generating_args.to_dict(obey_generation_config=True)
     extra = getattr(tokenizer, "additional_special_tokens_ids", None)
     if not isinstance(extra, list):
-        names = [str(t) for t in getattr(tokenizer, "_extra_special_tokens", [])]
+        names = seam.extra_special_tokens(tokenizer)
         extra = tokenizer.convert_tokens_to_ids(names) if names else []
     gen_kwargs["eos_token_id"] = list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in extra if i != -1]))
     gen_kwargs["pad_token_id"] = tokenizer.pad_token_id

@@ -28,6 +28,7 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from transformers import TrainerCallback
 
 from tlm_plugin import seam
+from tlm_plugin.objectives.entropy import fisher_penalty_grad
 from tlm_plugin.objectives.step import entropy_step
 from tlm_plugin.train.backend import all_agree, all_gather_objects, gathered
 from tlm_plugin.train.loss import masked_log_perplexity, tlm_loss, token_nll
@@ -191,8 +192,6 @@ class TLMTrainer(CustomSeq2SeqTrainer):
         active, so an update carries the penalty's gradient once. Identical on every rank (same weights, anchor and
         Fisher), so DDP's averaging leaves it unchanged.
         """
-        from tlm_plugin.objectives.entropy import fisher_penalty_grad
-
         self.fisher = (anchor, fisher)
         coeff = self.tlm_args.tlm_eata_fisher_coeff
         for name, param in self.accelerator.unwrap_model(self.model).named_parameters():

@@ -5,11 +5,10 @@ mode (one entry of :data:`tlm_plugin.registry.MODES`, dispatched once), the reco
 can fail on the recipe alone runs before the model loads, and a refused run writes nothing to ``output_dir``.
 """
 
+import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import llamafactory
-import numpy as np
 from datasets import Dataset
 from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
 from llamafactory.extras.constants import IGNORE_INDEX
@@ -17,10 +16,9 @@ from llamafactory.extras.logging import get_logger
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
 
-import tlm_plugin
 from tlm_plugin import registry
 from tlm_plugin.errors import TLMConfigError
-from tlm_plugin.train import outputs
+from tlm_plugin.train import outputs, report
 from tlm_plugin.train.backend import barrier, broadcast_object, is_local_main, rank_and_world, set_timeouts
 from tlm_plugin.train.collator import TLMDataCollator
 from tlm_plugin.train.data import Encoder, answer_rows, load_pool, load_prompts, raw_column
@@ -58,6 +56,13 @@ def run_tlm(
     check_training_args(training_args, data_args, finetuning_args, tlm_args)
     check_backend(training_args, tlm_args)
     set_timeouts(training_args.ddp_timeout)
+    run_id = identity(model_args, data_args, training_args, finetuning_args, generating_args, tlm_args)
+    if _already_finished(training_args, tlm_args, run_id):
+        return
+    if not training_args.do_train:
+        logger.warning_rank0(
+            "stage tlm with do_train: false: no adaptation; the run measures and answers with the unadapted model."
+        )
 
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -80,11 +85,7 @@ def run_tlm(
         raw_column(data_args, tlm_args.tlm_gate_options, len(prompts)) if tlm_args.tlm_gate_options else None
     )
     check_generator(tlm_args, training_args)
-    resume_from = _resume_point(
-        training_args,
-        tlm_args,
-        identity(model_args, data_args, training_args, finetuning_args, generating_args, tlm_args),
-    )
+    resume_from = _resume_point(training_args, tlm_args, run_id)
 
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     tokenizer.padding_side = "left"  # generation batches; scoring/training batches are right-padded
@@ -128,17 +129,52 @@ def run_tlm(
 
     rows, stats = registry.load(registry.MODES[tlm_args.tlm_mode].entry)(run)
 
+    out = training_args.output_dir
     if run.is_main:
-        outputs.write_records(
-            training_args.output_dir,
-            rows,
-            summary(rows, stats, tlm_args, training_args, run.timings, getattr(trainer.selector, "log_p0_used", None)),
+        result = report.summary(
+            rows, stats, tlm_args, training_args, run.timings, getattr(trainer.selector, "log_p0_used", None)
         )
+        outputs.write_records(out, rows, result)
         if training_args.do_train and finetuning_args.plot_loss:
-            plot_loss(training_args.output_dir, keys=["loss"])
+            plot_loss(out, keys=["loss"])
     barrier()
     if is_local_main():  # per-prompt records, now in the files above (every node's own copy)
-        outputs.remove_parts(training_args.output_dir)
+        outputs.remove_parts(out)
+    barrier()
+    if run.is_main:
+        outputs.mark_finished(out)
+        print("\n".join(report.console_lines(result, out, trained=training_args.do_train)), flush=True)
+
+
+def _already_finished(training_args, tlm_args: "TLMArguments", run_id: str) -> bool:
+    """A rerun of a finished run (same output_dir, same settings, no overwrite_output_dir) says so and where its
+    results are, and does nothing else; a finished run with other settings is refused (rank 0 decides)."""
+    if tlm_args.finished_in is None:
+        return False
+    out = tlm_args.finished_in
+    decision = {"finished": False, "error": None}
+    if rank_and_world()[0] == 0:
+        record = outputs.finished_run(out)
+        if record is not None and record.get("identity") == run_id:
+            decision["finished"] = True
+        elif record is not None:
+            decision["error"] = (
+                f"output_dir {out} holds a finished stage-tlm run made with other settings ({record.get('identity')} "
+                f"vs {run_id} now). Choose another output_dir, or set overwrite_output_dir: true to replace it."
+            )
+    decision = broadcast_object(decision)
+    if decision["error"] is not None:
+        raise TLMConfigError(decision["error"])
+    if decision["finished"] and rank_and_world()[0] == 0:
+        with open(os.path.join(out, outputs.SUMMARY_FILE), encoding="utf-8") as f:
+            result = json.load(f)
+        print(
+            f"stage tlm: this run is already finished; its results are in {out}. Set overwrite_output_dir: true to "
+            "run it again, or choose another output_dir.",
+            flush=True,
+        )
+        print("\n".join(report.console_lines(result, out, trained=training_args.do_train)), flush=True)
+    return decision["finished"]
 
 
 def _resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> str | None:
@@ -189,52 +225,3 @@ def _find_resume_point(training_args, tlm_args: "TLMArguments", run_id: str) -> 
     if resume is not None:
         outputs.check_identity(out, run_id)
     return resume
-
-
-def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> dict[str, Any]:
-    def mean(values):
-        values = [v for v in values if v is not None and v == v]
-        return float(np.mean(values)) if values else None
-
-    selected = [r for r in rows if r.get("selected")]
-    answered = [r for r in rows if r.get("answer_bpb") is not None and not r.get("answer_truncated")]
-    result = {
-        "mode": tlm_args.tlm_mode,
-        "settings": tlm_args.to_dict(),
-        "loss_tokens": tlm_args.tlm_loss_tokens,
-        "log_p0_used": log_p0_used,
-        "n_prompts": len(rows),
-        "n_selected": len(selected),
-        "n_skipped": len(rows) - len(selected),
-        "mean_log_ppl_before": mean([r.get("log_ppl") for r in rows]),
-        "mean_log_ppl_after": mean([r.get("log_ppl_after") for r in rows]),
-        "mean_log_ppl_before_selected": mean([r.get("log_ppl") for r in selected]),
-        "mean_log_ppl_after_selected": mean([r.get("log_ppl_after") for r in selected]),
-        "mean_log_ppl_user_before": mean([r.get("log_ppl_user") for r in rows]),
-        "mean_log_ppl_user_after": mean([r.get("log_ppl_user_after") for r in rows]),
-        "backward_passes": stats["backward_rows"],
-        "optimizer_steps": stats["optimizer_steps"],
-        "skipped_steps": stats["skipped_steps"],
-        "overflow_steps": stats.get("overflow_steps", 0),
-        "nonfinite_rows": stats["nonfinite_rows"],
-        "score_shared_prefix_tokens": stats.get("score_shared_prefix_tokens", 0),
-        **({"per_prompt": stats["per_prompt"]} if "per_prompt" in stats else {}),
-        "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
-        "world_size": training_args.world_size,
-        "versions": {"llamafactory_tlm": tlm_plugin.__version__, "llamafactory": llamafactory.__version__},
-    }
-    if tlm_args.tlm_eval_answers:
-        result.update(
-            {
-                "n_answers": len(answered),
-                "n_answers_missing": sum(r.get("answer_bpb_base") is None for r in rows),
-                "n_answers_truncated": sum(bool(r.get("answer_truncated")) for r in rows),
-                "mean_answer_bpb_base": mean([r.get("answer_bpb_base") for r in answered]),
-                "mean_answer_bpb": mean([r.get("answer_bpb") for r in answered]),
-                "mean_answer_content_bpb_base": mean([r.get("answer_content_bpb_base") for r in answered]),
-                "mean_answer_content_bpb": mean([r.get("answer_content_bpb") for r in answered]),
-            }
-        )
-    return result
-
-
