@@ -19,7 +19,11 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 COMPANIONS = {"2.6.0": {"torchaudio": "2.6.0", "torchvision": "0.21.0"}}
 
 
-EXTRAS = ("demo", "dev", "adapteval")  # the extras the floor suite installs (demo model conversion, pytest, deepspeed, sacrebleu)
+EXTRAS = (
+    "demo",
+    "dev",
+    "adapteval",
+)  # the extras the floor suite installs (demo model conversion, pytest, deepspeed, sacrebleu)
 
 
 def floors() -> dict[str, str]:

@@ -178,12 +178,14 @@ TTSI_RECIPES = sorted((REPO / "recipes" / "ttsi").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", TTSI_RECIPES, ids=_id)
 def test_ttsi_recipes_carry_the_papers_settings(path, tmp_path):
-    """LoRA r 8 / alpha 16 on every linear layer, lr 1e-4, 5 epochs, batch 1, cosine, warm-up 0.03, tau 0.95, K 1."""
+    """LoRA r 8 / alpha 16 on every linear layer, lr 1e-4, 5 epochs, batch 1, cosine, tau 0.95, K 1; the paper's
+    warm-up ratio (0.03) is not applied per prompt: over 5 steps it would make the first one at learning rate 0."""
     tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
     assert (tlm_args.tlm_mode, tlm_args.tlm_selector, tlm_args.tlm_gate) == ("per_prompt", "generate", "margin")
     assert (tlm_args.tlm_gate_tau, tlm_args.tlm_generate_k, tlm_args.tlm_prompt_epochs) == (0.95, 1, 5)
     assert (finetuning_args.lora_rank, finetuning_args.lora_alpha, finetuning_args.lora_target) == (8, 16, ["all"])
-    assert training_args.learning_rate == 1e-4 and training_args.warmup_ratio == 0.03
+    assert training_args.learning_rate == 1e-4 and not training_args.warmup_ratio and not training_args.warmup_steps
+    assert tlm_args.tlm_prompt_warmup_steps == 0
     assert str(training_args.lr_scheduler_type.value) == "cosine"
     assert (training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps) == (1, 1)
     if "ttd" in path.stem:

@@ -118,6 +118,15 @@ def command_line_overrides(argv: list[str] | None = None) -> dict[str, Any] | No
     return OmegaConf.to_container(OmegaConf.from_cli(argv[2:]))
 
 
+def _overrides_of(tuner: ModuleType, args: Any) -> dict[str, Any] | None:
+    """The command-line overrides behind ``args`` when ``args`` is what ``llamafactory-cli train recipe k=v`` read
+    (``run_exp`` reads the command line before the training function sees it), else None."""
+    overrides = command_line_overrides()
+    if overrides is None or not isinstance(args, dict):
+        return None
+    return overrides if tuner.read_args(None) == args else None
+
+
 def _apply_switch(tlm_values: dict[str, Any], overrides: dict[str, Any] | None) -> set[str]:
     """Settings of the recipe that a command-line switch of mode / selector / objective made inert.
 
@@ -239,9 +248,8 @@ def apply(tuner: ModuleType) -> None:
 
     @functools.wraps(original_training_function)
     def _training_function(config: dict[str, Any]) -> None:
-        given = config.get("args")
-        overrides = command_line_overrides() if given is None else None
-        tlm_args, rest = split_args(tuner.read_args(given), overrides)
+        args = tuner.read_args(config.get("args"))
+        tlm_args, rest = split_args(args, _overrides_of(tuner, args))
         if tlm_args is None:
             return original_training_function(config)
         return _run_tlm(tlm_args, rest, config.get("callbacks"))

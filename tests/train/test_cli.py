@@ -216,7 +216,7 @@ def test_reference_answers_never_reach_a_training_batch(tiny_model, tiny_data, t
         return original_pass(trainer, dataset, masks=masks, **kwargs)
 
     monkeypatch.setattr(TLMTrainer, "compute_loss", spy)
-    monkeypatch.setattr("tlm_plugin.train.workflow.nll_pass", pass_spy)
+    monkeypatch.setattr("tlm_plugin.train.run.nll_pass", pass_spy)
     out = tmp_path / "out"
     run_in_process(base_recipe(tiny_model, tiny_data, out, tlm_selector="all", do_predict=True, tlm_eval_answers=True))
     assert len(seen) == len(QUESTIONS)
@@ -320,3 +320,54 @@ def test_long_prompts_are_truncated_as_llamafactory_does_and_recorded(tiny_model
     # and reference, so prompts are cut to at most 12 (fewer when the reference is long)
     assert all(4 <= r["n_tokens"] <= 12 for r in rows)
     assert all(r["log_ppl"] == r["log_ppl"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------ the first hour
+def test_a_run_ends_with_its_summary_and_a_rerun_of_a_finished_run_reports_it(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    recipe = base_recipe(tiny_model, tiny_data, out, overwrite_output_dir=False, tlm_log_p0=5.99)
+    first = run_cli(recipe, tmp_path)
+    check_ok(first)
+    rows = read_jsonl(out / "tlm_scores.jsonl")
+    n_selected = sum(r["selected"] for r in rows)
+    before = sum(r["log_ppl"] for r in rows) / len(rows)
+    after = sum(r["log_ppl_after"] for r in rows) / len(rows)
+    assert f"selected {n_selected}/{len(rows)}" in first.stdout
+    assert f"mean log-perplexity of the prompts: {before:.4f} -> {after:.4f}" in first.stdout
+    assert f"outputs: {out}" in first.stdout and "tlm_scores.jsonl" in first.stdout
+
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    again = run_cli(recipe, tmp_path)
+    check_ok(again)
+    assert "this run is already finished" in again.stdout and str(out) in again.stdout
+    assert f"selected {n_selected}/{len(rows)}" in again.stdout  # its summary, read back
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == written  # nothing redone
+
+    other = run_cli({**recipe, "learning_rate": 5e-3}, tmp_path)
+    assert other.returncode != 0
+    assert "holds a finished stage-tlm run made with other settings" in other.stdout + other.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == written
+    fresh = run_cli({**recipe, "learning_rate": 5e-3, "overwrite_output_dir": True}, tmp_path)
+    check_ok(fresh)
+    assert "already finished" not in fresh.stdout
+    assert json.loads((out / "tlm_summary.json").read_text())["settings"]["tlm_mode"] == "offline"
+
+
+def test_without_do_train_the_run_says_it_measures_the_unadapted_model(tiny_model, tiny_data, tmp_path):
+    proc = run_cli(base_recipe(tiny_model, tiny_data, tmp_path / "out", do_train=False), tmp_path)
+    check_ok(proc)
+    assert "do_train: false: no adaptation" in proc.stdout + proc.stderr  # the log line
+    assert "no adaptation (do_train: false)" in proc.stdout and "selected" not in proc.stdout
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_command_line_switch_of_mode_and_method_drops_the_recipe_settings_it_makes_inert(
+    tiny_model, tiny_data, tmp_path
+):
+    recipe = base_recipe(tiny_model, tiny_data, tmp_path / "out", tlm_lambda=0.1, tlm_log_p0=3.0)
+    proc = run_cli(recipe, tmp_path, args=["tlm_mode=per_prompt", "tlm_selector=nearest", "tlm_sift_budget=1"])
+    check_ok(proc)
+    dropped = [line for line in (proc.stdout + proc.stderr).splitlines() if "dropped the recipe's" in line]
+    assert len(dropped) == 1 and "tlm_lambda" in dropped[0] and "tlm_log_p0" in dropped[0]
+    summary = json.loads((tmp_path / "out" / "tlm_summary.json").read_text())
+    assert (summary["mode"], summary["settings"]["tlm_selector"]) == ("per_prompt", "nearest")

@@ -56,7 +56,9 @@ def test_demonstrations_from_the_default_pattern_and_a_custom_one():
 )
 def test_a_malformed_pattern_is_a_clear_error_naming_tlm_demo_pattern(pattern, match):
     with pytest.raises(TLMConfigError, match=f"tlm_demo_pattern.*{match}"):
-        patch.split_args({"stage": "tlm", "tlm_mode": "per_prompt", "tlm_selector": "demos", "tlm_demo_pattern": pattern})
+        patch.split_args(
+            {"stage": "tlm", "tlm_mode": "per_prompt", "tlm_selector": "demos", "tlm_demo_pattern": pattern}
+        )
 
 
 def test_orders_votes_and_task_keys():
@@ -108,7 +110,7 @@ def test_the_loss_covers_exactly_the_demonstration_answers(tiny_model, tmp_path)
     text = "Answer.\n" + "".join(f"Q: {q}\nA: {a}\n" for q, a in demos) + "Q: next?\nA:"
     source = DemoSource()
     source.pattern = compile_pattern(DEFAULT_PATTERN)
-    source.run = type("R", (), {"encoder": encoder})()
+    source.ctx = type("Context", (), {"encoder": encoder})()
     row = {"_prompt": [{"role": "user", "content": text}], "_system": "", "_tools": ""}
     split = {
         "demos": demos_from_pattern(text, source.pattern)[0],

@@ -67,11 +67,11 @@ def test_a_skipped_update_never_reaches_the_grad_scaler_under_the_4x_loop(
 def test_per_prompt_fp16_counts_overflows_and_carries_the_loss_scale(tiny_model, tiny_data, tmp_path, monkeypatch):
     """An initial scale of 2^127 overflows the first steps (the scaled loss is inf in float32). Each overflow is counted (not as a step, no LR step);
     the halved scale carries on, so later prompts no longer overflow."""
-    from tlm_plugin.train import per_prompt
+    from tlm_plugin.train import learner
 
     real = torch.amp.GradScaler
     monkeypatch.setattr(
-        per_prompt.torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0**127, growth_interval=10**6)
+        learner.torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0**127, growth_interval=10**6)
     )
     out = tmp_path / "out"
     recipe = base_recipe(
