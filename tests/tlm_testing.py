@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tlm_plugin.train import outputs
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -151,7 +153,10 @@ def run_cli(
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every line of a JSONL file the run wrote (strictly: a torn or missing line is a failure, not dropped)."""
+    rows = outputs.read_jsonl(str(path))
+    assert len(rows) == sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), path
+    return rows
 
 
 def cli_env() -> dict[str, str]:

@@ -71,7 +71,7 @@ class PromptContext:
 class PromptDataSource(ABC):
     """Turns one test prompt into the rows a per-prompt update trains on (``tlm_mode: per_prompt``).
 
-    The per-prompt loop (:mod:`tlm_plugin.train.per_prompt`) is the same for every source: gate, ``rows(index)``,
+    The per-prompt loop (:mod:`tlm_plugin.modes.per_prompt`) is the same for every source: gate, ``rows(index)``,
     training steps, answer, restore. A source is one more registry entry; it never runs its own loop.
     """
 

@@ -30,12 +30,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, registe
 from tqdm.auto import tqdm
 from transformers.integrations.deepspeed import deepspeed_init
 
-from tlm_plugin.seam import (
-    forget_prepared_model,
-    forget_prepared_optimizer,
-    fsdp_peft_plugin_updates,
-    remove_engine_forward_hooks,
-)
+from tlm_plugin import seam
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -155,11 +150,11 @@ def prepare_fsdp_early(trainer) -> None:
     if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
         trainer.create_optimizer()
         model, optimizer = accelerator.prepare(trainer.model, trainer.optimizer)
-        trainer.optimizer = forget_prepared_optimizer(accelerator, optimizer)
+        trainer.optimizer = seam.forget_prepared_optimizer(accelerator, optimizer)
         if hasattr(model, "generate"):  # as transformers does after its own preparation
             register_fsdp_forward_method(model, "generate")
     else:
-        fsdp_peft_plugin_updates(trainer)
+        seam.fsdp_peft_plugin_updates(trainer)
         model = accelerator.prepare(trainer.model)
     trainer.model = trainer.model_wrapped = model
 
@@ -186,9 +181,9 @@ def _zero3_inference_engine(trainer) -> Any:
 def _release_inference_engine(trainer, engine) -> None:
     """Remove the inference engine's hooks and references, so that ``train()`` builds its own engine."""
     engine.destroy()
-    remove_engine_forward_hooks(engine)  # destroy() leaves them on the module: each would run at every forward
+    seam.remove_engine_forward_hooks(engine)  # destroy() leaves them on the module: each would run at every forward
     accelerator = trainer.accelerator
-    forget_prepared_model(accelerator, engine)
+    seam.forget_prepared_model(accelerator, engine)
     accelerator.deepspeed_engine_wrapped = None
     trainer.model_wrapped = trainer.model
     trainer.deepspeed = None

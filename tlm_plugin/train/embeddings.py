@@ -9,13 +9,14 @@ from transformers import AutoModel, AutoTokenizer
 
 from tlm_plugin.cache import cache_dir
 from tlm_plugin.errors import TLMConfigError
+from tlm_plugin.train.outputs import atomic_replace
 
 
 def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32, device: str = "cpu") -> np.ndarray:
     """Mean-pooled, unit-normalised sentence-encoder embeddings (e.g. all-MiniLM-L6-v2): (N, d) float32.
 
     Cached on disk by the encoder's files and the texts (``<cache>/embeddings/<sha256>.npy``; the cache folder of
-    :func:`tlm_plugin.assets.cache_dir`), so a large pool is embedded once for every run that uses it.
+    :func:`tlm_plugin.cache.cache_dir`), so a large pool is embedded once for every run that uses it.
     """
     path = _cache_path(encoder_dir, texts)
     if path is not None and path.is_file():
@@ -23,9 +24,12 @@ def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32,
     embeddings = _encode(encoder_dir, texts, batch_size, device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, embeddings)
-        os.replace(tmp, path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
+                np.save(f, embeddings)
+
+        atomic_replace(path, write)
     return embeddings
 
 
