@@ -226,3 +226,29 @@ def test_demo_model_is_smollm2_with_a_fixed_tokenizer(demo_model):
 @pytest.mark.slow
 def test_demo_model_knows_the_capital_of_france(demo_model):
     assert "paris" in assets.greedy_chat_answer(demo_model).lower()
+
+
+@needs_evals
+def test_cli_recipe_writes_the_demo_recipe_on_the_cached_model_and_data(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from tlm_plugin import patch
+
+    monkeypatch.setenv("LLAMAFACTORY_TLM_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "cache" / "models" / "converted"
+    monkeypatch.setattr(assets, "prepare_demo_model", lambda: model)  # the conversion has its own tests
+    out = tmp_path / "my_tlm.yaml"
+    assets.main(["recipe", "--out", str(out)])
+    assert capsys.readouterr().out.strip() == str(out)
+
+    written = yaml.safe_load(out.read_text())
+    source = yaml.safe_load((assets.recipes_dir() / assets.DEMO_RECIPE).read_text())
+    data = tmp_path / "cache" / "demo-data"
+    assert written["model_name_or_path"] == str(model) and written["dataset_dir"] == str(data)
+    assert written["output_dir"] == "saves/quickstart/offline" and written["overwrite_output_dir"] is False
+    assert {k: v for k, v in written.items() if k not in assets.RECIPE_KEYS} == {
+        k: v for k, v in source.items() if k not in assets.RECIPE_KEYS
+    }
+    assert json.loads((data / "dataset_info.json").read_text())[written["dataset"]]  # the recipe's dataset is there
+    tlm_args, _ = patch.split_args(written)  # a valid stage-tlm recipe
+    assert tlm_args.tlm_mode == "offline"

@@ -421,8 +421,11 @@ def write_demo_recipe(out: str | os.PathLike, output_dir: str = "saves/quickstar
         "dataset_dir": build_demo_dataset(cache_dir() / DEMO_DATA_DIR),
         "output_dir": output_dir,
     }
-    lines = []
-    for line in source.read_text(encoding="utf-8").splitlines():
+    text = source.read_text(encoding="utf-8").splitlines()
+    while text and text[0].startswith("#"):  # the source's header says how to run the source itself
+        text.pop(0)
+    lines = [f"# {DEMO_RECIPE.as_posix()} on the cached demo model and data: llamafactory-cli train {Path(out).name}"]
+    for line in text:
         key = line.split(":", 1)[0].strip()
         if key in values and not line.lstrip().startswith("#"):
             line = f"{key}: {values[key]}"
