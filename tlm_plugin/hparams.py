@@ -26,6 +26,7 @@ from tlm_plugin.settings.objectives import ObjectiveArguments
 from tlm_plugin.settings.per_prompt import PerPromptArguments
 from tlm_plugin.settings.pool import PoolArguments
 from tlm_plugin.settings.selection import SelectionArguments
+from tlm_plugin.settings.serve import ServeArguments
 
 
 __all__ = ["TLM_PREFIX", "TLMArguments", "TLMConfigError", "inert_keys", "parse_tlm_args", "tlm_field_names"]
@@ -41,6 +42,7 @@ GROUPS = {
     "generate": GenerateArguments,
     "demos": DemoArguments,
     "objectives": ObjectiveArguments,
+    "serve": ServeArguments,
 }
 
 

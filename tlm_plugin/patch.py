@@ -23,7 +23,7 @@ from llamafactory.extras.env import VERSION
 from omegaconf import OmegaConf
 from packaging.version import Version
 
-from tlm_plugin import seam
+from tlm_plugin import registry, seam
 from tlm_plugin.hparams import (
     TLM_PREFIX,
     TLMArguments,
@@ -284,6 +284,12 @@ def _parse_sft_part(tlm_args: TLMArguments, rest: Any):
 
 def _run_tlm(tlm_args: TLMArguments, rest: Any, callbacks: list | None) -> None:
     """Parse the sft part with LLaMA-Factory's own parser, add the callbacks it gives sft, run the TLM workflow."""
+    command = registry.MODES[tlm_args.tlm_mode].command
+    if command != "train":
+        raise TLMConfigError(
+            f"tlm_mode: {tlm_args.tlm_mode} runs under `llamafactory-cli {command} recipe.yaml`, not "
+            "`llamafactory-cli train`."
+        )
     model_args, data_args, training_args, finetuning_args, generating_args = _parse_sft_part(tlm_args, rest)
     callbacks = list(callbacks or []) + seam.sft_callbacks(
         model_args, data_args, training_args, finetuning_args, generating_args

@@ -29,6 +29,8 @@ class Mode:
     entry: str  # "module:function", the mode's run(run) -> (rows, stats)
     settings: tuple[str, ...]  # the settings groups the mode itself reads
     help: str = ""
+    stream: bool = False  # prompts arrive in order and weights come from the current model (running P0)
+    command: str = "train"  # the llamafactory-cli command that runs it
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ register_mode(
         "tlm_plugin.modes.online:run",
         ("core", "selection", "objectives"),
         "answer a chunk of the stream, then learn from it (Algorithm 1 of the TLM paper)",
+        stream=True,
     )
 )
 register_mode(
@@ -117,6 +120,16 @@ register_mode(
         "tlm_plugin.modes.per_prompt:run",
         ("core", "selection", "per_prompt", "gate"),
         "per prompt: gate, its own training rows, steps, answer, restore",
+    )
+)
+register_mode(
+    Mode(
+        "serve",
+        "tlm_plugin.modes.serve:run",
+        ("core", "selection", "serve"),
+        "an OpenAI-compatible server (`llamafactory-cli api`) that learns online from its own traffic",
+        stream=True,
+        command="api",
     )
 )
 
@@ -130,18 +143,21 @@ register_method(
     "TLM's S(x) = lambda * exp(log P(x) - log P0) above P0 (Hu et al., ICML 2025)",
     offline=Impl("weights", f"{_WEIGHTS}:PerplexitySelector"),
     online=Impl("weights", f"{_WEIGHTS}:PerplexitySelector"),
+    serve=Impl("weights", f"{_WEIGHTS}:PerplexitySelector"),
 )
 register_method(
     "all",
     "every prompt with weight 1 (the ablation's first control)",
     offline=Impl("weights", f"{_WEIGHTS}:AllSelector"),
     online=Impl("weights", f"{_WEIGHTS}:AllSelector"),
+    serve=Impl("weights", f"{_WEIGHTS}:AllSelector"),
 )
 register_method(
     "random",
     "as many prompts as perplexity would pick, at random, weight 1; per prompt: random pool rows",
     offline=Impl("weights", f"{_WEIGHTS}:RandomSelector"),
     online=Impl("weights", f"{_WEIGHTS}:RandomSelector"),
+    serve=Impl("weights", f"{_WEIGHTS}:RandomSelector"),
     per_prompt=Impl("pool", f"{_POOL}:RandomPoolSelector", ("pool",)),
 )
 register_method(

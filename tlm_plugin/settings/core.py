@@ -17,7 +17,9 @@ class CoreArguments(SettingsGroup):
         "offline: adapt on all test prompts, then answer them. online: answer a chunk of `tlm_chunk_size` prompts, "
         "then learn from it (Algorithm 1 of the paper). per_prompt: for each prompt, learn from the data its "
         "`tlm_selector` gives it (pool rows, generated examples, its demonstrations), answer, then restore adapter, "
-        "optimizer and LR schedule exactly (test-time fine-tuning: SIFT, TT-SI / TT-D, few-shot TTT).",
+        "optimizer and LR schedule exactly (test-time fine-tuning: SIFT, TT-SI / TT-D, few-shot TTT). serve: under "
+        "`llamafactory-cli api recipe.yaml`, an OpenAI-compatible server that answers with the current adapter "
+        "version and learns online from windows of `tlm_chunk_size` received prompts in the background.",
     )
     tlm_reset: Literal["never", "chunk", "prompt"] = setting(
         "never",
@@ -27,7 +29,8 @@ class CoreArguments(SettingsGroup):
     )
     tlm_chunk_size: int = setting(
         100,
-        "Online mode: number of test prompts answered before the model learns from them.",
+        "Online mode: number of test prompts answered before the model learns from them. Serve mode: received "
+        "prompts per learning window (one new adapter version each).",
         low=1,
     )
     tlm_loss_tokens: Literal["prompt", "user"] = setting(
@@ -49,6 +52,9 @@ class CoreArguments(SettingsGroup):
     )
 
     def inert_fields(self) -> dict[str, str]:
-        if self.tlm_mode != "online":
-            return {"tlm_chunk_size": f"it sets the chunk length of tlm_mode: online (this run is {self.tlm_mode})"}
+        if self.tlm_mode not in ("online", "serve"):
+            return {
+                "tlm_chunk_size": f"it sets the chunk (window) length of tlm_mode online / serve (this run is "
+                f"{self.tlm_mode})"
+            }
         return {}

@@ -35,6 +35,14 @@ PROMPT_RECORDS_FILE = "tlm_prompt_records.jsonl"  # a per-prompt source's record
 TASK_ADAPTERS_DIR = "tlm_task_adapters"
 PART_PATTERN = "tlm_prompts.rank{rank}.jsonl"  # per-prompt records while the run goes (merged, then removed)
 CHECKPOINTS = "checkpoint-*"
+# Serving (tlm_mode: serve): see tlm_plugin.serving.store
+STREAM_FILE = "tlm_stream.jsonl"  # every prompt received, in order (the learner's input)
+VERSIONS_DIR = "tlm_versions"  # v<N>/: a LoRA adapter and the learner's state after window N
+SERVE_CONTROL_FILE = "tlm_serve_control.json"  # rollbacks and guard resets (the server writes it)
+SERVE_RECIPE_FILE = "tlm_serve_recipe.json"  # the recipe the learner process builds from
+LEARNER_STATUS_FILE = "tlm_learner_status.json"
+LEARNER_LOG_FILE = "tlm_learner.log"
+LEARNER_LOCK_FILE = "tlm_learner.lock"
 OWN_PATTERNS = (  # removed when a run starts over
     SCORES_FILE,
     SUMMARY_FILE,
@@ -50,6 +58,13 @@ OWN_PATTERNS = (  # removed when a run starts over
     TASK_ADAPTERS_DIR,
     PART_PATTERN.format(rank="*"),
     CHECKPOINTS,
+    STREAM_FILE,
+    VERSIONS_DIR,
+    SERVE_CONTROL_FILE,
+    SERVE_RECIPE_FILE,
+    LEARNER_STATUS_FILE,
+    LEARNER_LOG_FILE,
+    LEARNER_LOCK_FILE,
 )
 
 

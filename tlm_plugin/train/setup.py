@@ -28,12 +28,12 @@ def build_selector(tlm_args: "TLMArguments", seed: int = 0):
         return build_pool_selector(a, seed)
     cls = registry.load(registry.impl(a.tlm_selector, a.tlm_mode).cls)
     if hasattr(cls, "from_settings"):  # a method with settings of its own builds itself from its groups
-        return cls.from_settings(a.method_settings(), seed=seed, streaming=a.tlm_mode == "online")
+        return cls.from_settings(a.method_settings(), seed=seed, streaming=registry.MODES[a.tlm_mode].stream)
     return cls(
         lam=a.tlm_lambda,
         log_p0=a.tlm_log_p0,
         fraction=a.tlm_select_fraction,
-        streaming=a.tlm_mode == "online",
+        streaming=registry.MODES[a.tlm_mode].stream,
         seed=seed,
     )
 
