@@ -124,7 +124,7 @@ def build_dataset(
             raise ValueError(f"--shots must be at least 1 for {name}, got {shots}")
         rows, record = _from_source(module, n + shots, seed)
         demos, rows = rows[:shots], rows[shots:]
-        history = [[_user_turn(d), d["output"]] for d in demos]
+        history = [[user_turn(d), d["output"]] for d in demos]
         rows = [{**row, "history": history} for row in rows]
         record.update(
             shots=shots,
@@ -147,7 +147,7 @@ def build_dataset(
     }
 
 
-def _user_turn(row: dict) -> str:
+def user_turn(row: dict) -> str:
     """The user turn of an alpaca row as LLaMA-Factory builds it: instruction, then the input on a new line."""
     return f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
 

@@ -5,6 +5,8 @@
                   [--offline] [--fixed-dir DIR] [--recipe YAML] [--set [METHOD:]KEY=VALUE ...] [--backend hf|vllm]
                   [--force]
     adapteval report DIR
+    adapteval stream --data FILE --recipe R [--url URL] [--api-key KEY] [--clients K] [--out DIR] [--limit N] [--skip N]
+                     [--max-tokens M] [--settle S] [--bin B]
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
 ``handler``; to add one (``run``, ``report``), write its function and append it to ``COMMANDS``.
@@ -14,12 +16,13 @@ stderr and exit with status 2.
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 
-from adapteval import runner, ttft
+from adapteval import runner, stream, ttft
 from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SHOTS, build
-from adapteval.errors import DataUnavailableError, RunnerError, UnknownNameError
+from adapteval.errors import DataUnavailableError, RunnerError, ServerError, UnknownNameError
 from adapteval.methods import METHODS
 from adapteval.registry import resolve
 from adapteval.tables import write_reports
@@ -277,11 +280,100 @@ def _print_reports(paths: dict) -> None:
     print(paths["md"].read_text(encoding="utf-8"), end="")
 
 
+def add_stream_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "stream",
+        help="replay a dataset as traffic to a learning server (tlm_mode: serve) and write its learning curve",
+        description=(stream.__doc__ or "").split("\n\n")[1],
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="prompts with reference answers: alpaca JSON / JSONL (or messages)",
+    )
+    parser.add_argument(
+        "--recipe", default=None, metavar="R", help="a tlm_mode: serve recipe: the server started for the run"
+    )
+    parser.add_argument("--url", default=None, help="a running server instead (http://host:port or .../v1)")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("API_KEY"), metavar="KEY", help="the server's API_KEY (default: $API_KEY)"
+    )
+    parser.add_argument("--clients", type=int, default=1, metavar="K", help="concurrent clients (default 1)")
+    parser.add_argument(
+        "--out", default="adapteval-stream", metavar="DIR", help="output folder (default adapteval-stream)"
+    )
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="send the first N rows (after --skip)")
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out the first N rows (e.g. the rows the recipe's probe set holds: max_samples)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, metavar="M", help="max_tokens of each answer (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="after the replay, wait up to S seconds for the learner to learn what is pending (default 0)",
+    )
+    parser.add_argument(
+        "--bin", type=int, default=None, dest="bin_rows", metavar="B", help="requests per time bin (default: 10 bins)"
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=stream.DEFAULT_START_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"seconds the started server may take to answer (default {stream.DEFAULT_START_TIMEOUT_S:.0f})",
+    )
+    parser.set_defaults(handler=run_stream)
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    try:
+        result, paths = stream.run(
+            args.data,
+            args.out,
+            recipe=args.recipe,
+            url=args.url,
+            api_key=args.api_key,
+            clients=args.clients,
+            limit=args.limit,
+            skip=args.skip,
+            max_tokens=args.max_tokens,
+            settle_s=args.settle,
+            bin_rows=args.bin_rows,
+            start_timeout=args.start_timeout,
+            log=lambda line: print(line, flush=True),
+        )
+    except ServerError as err:
+        print(f"adapteval stream: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"adapteval stream: interrupted; the requests answered so far are in "
+            f"{os.path.join(args.out, stream.REQUESTS_FILE)}",
+            file=sys.stderr,
+        )
+        return 130
+    for note in result["notes"]:
+        print(f"adapteval stream: {note}")
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    print(paths["md"].read_text(encoding="utf-8"), end="")
+    return 1 if result["n_failed"] else 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_build_command,
     add_run_command,
     add_ttft_command,
     add_report_command,
+    add_stream_command,
 ]
 
 

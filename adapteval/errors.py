@@ -1,5 +1,5 @@
 """Errors raised by AdaptEval: problems the user can fix (names, missing data, missing packages, a cache made with
-other settings), and a cell that could not be produced."""
+other settings), a cell that could not be produced, and a learning server that did not start."""
 
 
 class UnknownNameError(ValueError):
@@ -20,3 +20,7 @@ class RunnerError(RuntimeError):
 
 class CacheConflictError(ValueError):
     """The output folder holds a cell made with another configuration."""
+
+
+class ServerError(RuntimeError):
+    """The learning server started for ``adapteval stream`` did not come up (its log says why)."""

@@ -34,6 +34,12 @@ Every case is a real ``llamafactory-cli train`` (one process; multi-rank agreeme
 - ``per_prompt_fewshot``: few-shot TTT: one adapter per task, reused, the demonstrations' loss falls.
 - ``resume_after_kill``: an online run killed with SIGKILL mid-stream and rerun: every answer once, in order, and
   the records equal an uninterrupted run's selection.
+- ``serve_hf``: a learning server (``llamafactory-cli api``, ``tlm_mode: serve``, huggingface engine, bf16) answers
+  16 prompts (8 known, 8 made up): every answer 200 with a version that never goes back, four windows, the made-up
+  prompts selected and the known ones not, adapter swaps under 50 ms; killed with SIGKILL and restarted, it has lost
+  no prompt and serves the same version.
+- ``serve_vllm``: the same with ``infer_backend: vllm`` (each version a new ``LoRARequest``), then the p50 answer
+  latency of 4 concurrent clients with learning on and off (target ratio <= 1.15); SKIP where vLLM is not installed.
 - then ``bench/bench_tlm.py --gpu`` on the ~1B model: adaptation time of stage tlm vs plain LoRA, target <= 1.10x;
   the script exits non-zero if it misses.
 
@@ -129,6 +135,12 @@ NEEDED = {  # what `llamafactory-cli train` with stage tlm imports beyond the si
     "tqdm": ">=4.66",
     "filelock": "",
     "regex": "",
+    # llamafactory-cli api (the learning server of tlm_mode: serve)
+    "fastapi": "",
+    "starlette": "",
+    "uvicorn": "",
+    "sse-starlette": "",
+    "prometheus-client": ">=0.20",
 }
 # The versions come from one resolution for the node's Python and platform, under these pins: LLaMA-Factory 0.9.5's
 # caps, and a pyarrow small enough for the bundle (datasets needs >= 15).
@@ -586,6 +598,10 @@ def tail(log: Path, lines: int = 8) -> str:
 
 class CheckFailed(Exception):
     pass
+
+
+class CheckSkipped(Exception):
+    """The node lacks what the case needs (e.g. vLLM, which no bundle can carry); said, not failed."""
 
 
 def expect(condition: bool, why: str) -> None:
@@ -1100,6 +1116,194 @@ def case_resume_after_kill(ctx) -> str:
     return f"killed at {killed_at}/24 answers; after resuming 24 answers and records, {same}/24 answers equal"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The learning server (tlm_mode: serve under llamafactory-cli api)
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 300.0) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {"detail": err.read().decode(errors="replace")}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, ctx, recipe: dict, name: str) -> None:
+        self.path = write_recipe(ctx.work / f"{name}.yaml", recipe)
+        self.log = ctx.work / f"{name}.log"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.work = ctx.work
+        self.proc = None
+
+    def start(self) -> "_Server":
+        env = env_for({"API_HOST": "127.0.0.1", "API_PORT": str(self.port), "API_VERBOSE": "0"})
+        with self.log.open("a", encoding="utf-8") as out:
+            self.proc = subprocess.Popen(
+                [*CLI, "api", str(self.path)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.work,
+            )
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            expect(self.proc.poll() is None, f"the server exited: {tail(self.log)}")
+            try:
+                if _http(self.url + "/health", timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise CheckFailed(f"the server did not answer: {tail(self.log)}")
+
+    def status(self) -> dict:
+        return _http(self.url + "/tlm/status")[1]
+
+    def ask(self, row: dict) -> tuple[int, dict]:
+        body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": _content(row)}], "do_sample": False}
+        return _http(self.url + "/v1/chat/completions", body)
+
+    def wait(self, predicate, what: str, timeout: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if predicate(status):
+                return status
+            time.sleep(0.5)
+        raise CheckFailed(f"timed out waiting for {what}: {self.status()} | {tail(self.log)}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGINT)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def serve_recipe(ctx, out: Path, **overrides) -> dict:
+    recipe = base_recipe(
+        ctx,
+        ctx.sets,
+        "known",
+        out,
+        tlm_mode="serve",
+        tlm_chunk_size=4,
+        tlm_probe_dataset="known",
+        tlm_probe_tolerance=1.0,
+        overwrite_output_dir=False,
+        learning_rate=1.0e-3,
+        **overrides,
+    )
+    for key in ("dataset", "do_train", "do_predict", "num_train_epochs", "save_strategy", "logging_steps"):
+        recipe.pop(key, None)
+    return recipe
+
+
+def _replay(server: _Server, rows: list[dict], clients: int = 1) -> tuple[list[int], list[float]]:
+    import threading
+
+    queue, lock, versions, latencies, failed = list(rows), threading.Lock(), [], [], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                row = queue.pop(0)
+            start = time.perf_counter()
+            code, body = server.ask(row)
+            with lock:
+                if code != 200:
+                    failed.append(f"{code} {body}")
+                else:
+                    latencies.append(time.perf_counter() - start)
+                    versions.append(int(body["system_fingerprint"].removeprefix("tlm-v")))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expect(not failed, f"failed requests: {failed[:3]}")
+    return versions, latencies
+
+
+def _serve_case(ctx, name: str, **overrides) -> str:
+    """16 prompts (8 known, 8 made up) through a learning server: every answer 200 with a growing version, four
+    windows, the made-up prompts selected, swaps under 50 ms; then kill -9 and restart: nothing lost."""
+    stream = json.loads((ctx.sets / "stream.json").read_text(encoding="utf-8"))
+    out = ctx.work / name
+    server = _Server(ctx, serve_recipe(ctx, out, **overrides), name).start()
+    try:
+        versions, latencies = _replay(server, stream)
+        expect(versions == sorted(versions), f"versions went back: {versions}")
+        status = server.wait(lambda s: s["windows"] == 4, "4 windows")
+        records = read_jsonl(out / "tlm_scores.jsonl")
+        expect([r["index"] for r in records] == list(range(16)), "records missing or duplicated")
+        made_up = [bool(r["selected"]) for r in records[8:]]
+        expect(sum(made_up) >= 6 and not any(r["selected"] for r in records[:8]), f"selection {made_up}")
+        swap = status["swap_ms"]
+        expect(swap["count"] >= 1 and swap["max"] < 50, f"swaps {swap}")
+        server.stop(kill=True)
+        server.start()
+        again = server.status()
+        expect(again["received"] == 16 and again["windows"] == 4, f"after kill -9: {again}")
+        expect(again["current_version"] == status["current_version"], "another version is current after the restart")
+    finally:
+        server.stop()
+    p50 = sorted(latencies)[len(latencies) // 2]
+    return (
+        f"16 answers, versions {versions[0]}..{versions[-1]}, {status['selected']} selected, swap max "
+        f"{swap['max']:.1f} ms, p50 {p50:.2f} s; kill -9 + restart: nothing lost"
+    )
+
+
+def case_serve_hf(ctx) -> str:
+    return _serve_case(ctx, "serve_hf", infer_backend="huggingface")
+
+
+def case_serve_vllm(ctx) -> str:
+    """The same with the vLLM engine (each version a new LoRARequest), then answer latency with learning on and off
+    for 4 concurrent clients (reported, the target is p50 ratio <= 1.15)."""
+    import importlib.util
+
+    if CPU["on"] or importlib.util.find_spec("vllm") is None:
+        raise CheckSkipped("vLLM is not installed on this node (no bundle can carry it)")
+    vllm = dict(infer_backend="vllm", vllm_enforce_eager=True, vllm_gpu_util=0.3, vllm_maxlen=2048)
+    detail = _serve_case(ctx, "serve_vllm", **vllm)
+    demo = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))[:32]
+    p50 = {}
+    for learn in (False, True):
+        name = f"serve_vllm_latency_{'on' if learn else 'off'}"
+        server = _Server(ctx, serve_recipe(ctx, ctx.work / name, tlm_learn=learn, **vllm), name).start()
+        try:
+            _, latencies = _replay(server, demo, clients=4)
+        finally:
+            server.stop()
+        p50[learn] = sorted(latencies)[len(latencies) // 2]
+    return (
+        f"{detail}; K=4 p50 {p50[False]:.3f} s static, {p50[True]:.3f} s learning (ratio {p50[True] / p50[False]:.2f})"
+    )
+
+
 CASES = [
     case_bf16_offline,
     case_fp16_online,
@@ -1111,6 +1315,8 @@ CASES = [
     case_per_prompt_ttd_endpoint,
     case_per_prompt_fewshot,
     case_resume_after_kill,
+    case_serve_hf,
+    case_serve_vllm,
 ]
 
 
@@ -1132,6 +1338,8 @@ def run_case(case, ctx) -> tuple[str, str, float, str]:
         detail, verdict = case(ctx), "PASS"
     except CheckFailed as err:
         detail, verdict = str(err), "FAIL"
+    except CheckSkipped as err:
+        detail, verdict = str(err), "SKIP"
     except Exception as err:  # a crash of the check itself is a failure of that case, not of the report
         detail, verdict = f"{type(err).__name__}: {err}", "FAIL"
     finally:

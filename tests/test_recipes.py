@@ -21,11 +21,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tlm_plugin import seam
+from tlm_plugin.errors import TLMConfigError
 from tlm_plugin.patch import parse_recipe
+from tlm_plugin.serving import recipe as serve_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+SERVE_RECIPES = [path for path in ALL_RECIPES if path.parent.name == "serve"]  # llamafactory-cli api
+RECIPES = [path for path in ALL_RECIPES if path not in SERVE_RECIPES]  # llamafactory-cli train
 PAPER_MODELS = {
     "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
     "llama3.2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3"),
@@ -205,3 +210,29 @@ def test_fewshot_recipe_carries_the_papers_bbh_settings(tmp_path):
     assert training_args.learning_rate == 1e-4 and training_args.per_device_train_batch_size == 5
     assert training_args.num_train_epochs == 1.0 and str(training_args.lr_scheduler_type.value) == "cosine"
     assert model_args.model_name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("path", SERVE_RECIPES, ids=_id)
+def test_serve_recipe_is_read_by_the_server_and_by_its_learner(path, tmp_path, monkeypatch):
+    """A serve recipe names its command (``llamafactory-cli api``), passes the server's checks, and parses both as
+    LLaMA-Factory's inference arguments (the engine) and as training arguments (the learner)."""
+    text = path.read_text(encoding="utf-8")
+    assert re.fullmatch(
+        rf"# (API_KEY=\S+ API_HOST=\S+ )?API_PORT=\d+ llamafactory-cli api recipes/{re.escape(_id(path))}",
+        text.splitlines()[0],
+    )
+    recipe = load(path, tmp_path)
+    tlm_args = serve_recipe.check(recipe)
+    assert tlm_args.tlm_mode == "serve" and tlm_args.tlm_probe_dataset is not None
+    monkeypatch.delenv("API_KEY", raising=False)
+    serve_recipe.check_address("127.0.0.1", tlm_args)
+    if "API_HOST=0.0.0.0" in text:  # the command line sets API_KEY: the recipe alone would be refused off loopback
+        with pytest.raises(TLMConfigError, match="API_KEY"):
+            serve_recipe.check_address("0.0.0.0", tlm_args)
+    infer = serve_recipe.infer_args(recipe, adapter=None)
+    get_infer_args = seam.resolve("llamafactory.hparams.get_infer_args")
+    model_args, _, finetuning_args, generating_args = get_infer_args(infer)
+    assert model_args.infer_backend == recipe["infer_backend"] and generating_args.do_sample is False
+    parsed = serve_recipe.train_args(recipe, adapter=None)
+    assert parsed[0].tlm_chunk_size == recipe["tlm_chunk_size"] and parsed[3].do_train
+    assert parsed[3].learning_rate == recipe["learning_rate"] and parsed[4].finetuning_type == "lora"

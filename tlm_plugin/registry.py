@@ -127,7 +127,8 @@ register_mode(
         "serve",
         "tlm_plugin.modes.serve:run",
         ("core", "selection", "serve"),
-        "an OpenAI-compatible server (`llamafactory-cli api`) that learns online from its own traffic",
+        "an OpenAI-compatible server that answers with the current adapter version and learns online from its own "
+        "traffic ([serving.md](serving.md))",
         stream=True,
         command="api",
     )

@@ -66,9 +66,14 @@ def run(recipe: dict[str, Any]) -> None:
     current = store.current()
     version = current if current is not None else 0
     vllm = str(recipe.get("infer_backend", "huggingface")).lower() == "vllm"
-    adapter = store.version_dir(current) if (vllm and current is not None) else None
+    if (
+        current is None
+    ):  # no learning and no version yet: the recipe's own adapter (or none), as LLaMA-Factory loads it
+        adapter = recipe.get("adapter_name_or_path")
+    else:  # vLLM starts with the current version as its LoRA; huggingface loads it unmerged below
+        adapter = store.version_dir(current) if vllm else None
     chat_model = ChatModel(serve_recipe.infer_args(recipe, adapter))
-    engine = VersionedEngine(chat_model, store, version, adapter_loaded=current is not None)
+    engine = VersionedEngine(chat_model, store, version, versioned=current is not None)
     server = Server(store, engine, tlm_args, learner)
     app = create_app(server)
     print(f"tlm serve: answering with v{version} on http://{host}:{port}/v1 (status: /tlm/status)", flush=True)

@@ -88,6 +88,8 @@ class Learner:
         self.error: str | None = None
         self.restarting = False
         self.stopping = False
+        self._released = asyncio.Event()
+        self._released.set()
 
     @property
     def log_path(self) -> str:
@@ -124,6 +126,7 @@ class Learner:
             if self.stopping:
                 return
             if self.restarting:
+                await self._released.wait()
                 self.restarting = False
                 self.proc = None
                 continue
@@ -145,11 +148,22 @@ class Learner:
                 self.proc.kill()
                 self.proc.wait()
 
-    async def restart(self) -> None:
-        """Stop the learner and start a new one (it loads the current version); failures are forgiven."""
+    async def hold(self) -> None:
+        """Stop the learner now (a window in progress is dropped: it has no outcome on disk and is learned again)
+        and start no new one until :meth:`release`."""
         self.restarting = True
-        await asyncio.to_thread(self.stop)
+        self._released.clear()
+        await asyncio.to_thread(self.kill)
+
+    def release(self) -> None:
+        """Start a learner again (it loads the current version); earlier failures are forgiven."""
         self.failures, self.error = 0, None
+        self._released.set()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Server:
@@ -158,6 +172,7 @@ class Server:
         self.model_name = os.getenv("API_MODEL_NAME", "gpt-3.5-turbo")
         self.api_key = os.getenv("API_KEY")
         self.in_flight = 0
+        self.switching = asyncio.Lock()
         self.latencies: deque[float] = deque(maxlen=200)
         registry = CollectorRegistry()
         self.registry = registry
@@ -194,9 +209,10 @@ class Server:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                current = self.store.current()
-                if current is not None and current > self.engine.version:
-                    await self.use(current)
+                async with self.switching:  # a rollback decides and swaps under the same lock
+                    current = self.store.current()
+                    if current is not None and current > self.engine.version:
+                        await self.use(current)
             except Exception as err:  # a version that cannot be loaded is not served; answering goes on
                 logger.warning(f"tlm serve: could not switch versions: {err!r}")
 
@@ -226,6 +242,7 @@ class Server:
         if self.learner is not None:
             learner = {
                 **learner,
+                "pid": self.learner.proc.pid if self.learner.alive() else None,
                 "alive": self.learner.alive(),
                 "failures": self.learner.failures,
                 "error": self.learner.error,
@@ -248,14 +265,22 @@ class Server:
             "probe_answer_bpb": {f"v{n}": v for n, v in probe.items()},
             "learner": learner,
             "in_flight": self.in_flight,
+            "swap_ms": _summary_ms(self.engine.swap_seconds),
         }
 
     async def rollback(self, version: int) -> dict[str, Any]:
+        async with self.switching:
+            return await self._rollback(version)
+
+    async def _rollback(self, version: int) -> dict[str, Any]:
         published = self.store.published()
         if version not in published:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND, f"version {version} is not a published version (published: {published})"
             )
+        if self.learner is not None:  # no version may appear between this decision and the learner's restart
+            await self.learner.hold()
+            published = self.store.published()
         control = self.store.control()
         rolled_back = (set(control["rolled_back"]) - {version}) | {n for n in published if n > version}
         used = published + self.store.rejected()
@@ -266,7 +291,7 @@ class Server:
         self.metrics["version"].set(version)
         print(f"tlm serve: rolled back to v{version} (swap {seconds * 1000:.1f} ms)", flush=True)
         if self.learner is not None:
-            await self.learner.restart()
+            self.learner.release()
         return {"current_version": version, "rolled_back": sorted(rolled_back)}
 
     def resume(self) -> dict[str, Any]:
@@ -289,6 +314,14 @@ class Server:
     def retry_after(self) -> int:
         typical = sorted(self.latencies)[len(self.latencies) // 2] if self.latencies else 1.0
         return max(1, math.ceil(typical))
+
+
+def _summary_ms(seconds: list[float]) -> dict[str, float | int | None]:
+    """Count, median and largest of the adapter swaps so far, in milliseconds."""
+    if not seconds:
+        return {"count": 0, "median": None, "max": None}
+    ordered = sorted(seconds)
+    return {"count": len(ordered), "median": ordered[len(ordered) // 2] * 1000, "max": ordered[-1] * 1000}
 
 
 def _error(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

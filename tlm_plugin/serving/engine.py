@@ -79,7 +79,9 @@ class Ticket:
 class VersionedEngine:
     """The engine of ``chat_model`` answering with one adapter version at a time (see the module's text)."""
 
-    def __init__(self, chat_model, store: Store, version: int, adapter_loaded: bool) -> None:
+    def __init__(self, chat_model, store: Store, version: int, versioned: bool) -> None:
+        """``versioned``: answer with adapter version ``version`` of ``store`` (else with what LLaMA-Factory loaded:
+        the recipe's own adapter, or none, when nothing has been learned and nothing will be)."""
         self.chat_model, self.store = chat_model, store
         self.engine = chat_model.engine
         self.kind = str(getattr(self.engine, "name", "huggingface")).lower()
@@ -89,8 +91,8 @@ class VersionedEngine:
         self.swap_seconds: list[float] = []
         self.vllm = "vllm" in self.kind
         if self.vllm:
-            self.request = self._lora_request(version) if adapter_loaded else None
-        elif adapter_loaded:
+            self.request = self._lora_request(version) if versioned else getattr(self.engine, "lora_request", None)
+        elif versioned:
             self.engine.model = PeftModel.from_pretrained(self.engine.model, store.version_dir(version))
             self.engine.model.eval()
 

@@ -108,7 +108,7 @@ class WindowLearner:
         self.current = current
         if current is not None:
             self._load_state(current)
-        self.paused: str | None = None
+        self._prepared: dict[int, dict[str, Any] | str] = {}
 
     # ------------------------------------------------------------------ data
     def _probe_rows(self, model_args, data_args) -> Dataset | None:
@@ -127,6 +127,14 @@ class WindowLearner:
                 "those answers are."
             )
         return Dataset.from_list(rows)
+
+    def prepare(self, record: dict[str, Any]) -> dict[str, Any] | str:
+        """The request's training row, or why it is not learned (kept until its window is learned)."""
+        seq = record["seq"]
+        if seq not in self._prepared:
+            why = learnable(record)
+            self._prepared[seq] = why if why is not None else self.encode(record)
+        return self._prepared[seq]
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any] | str:
         """A training row (``input_ids``, ``loss_mask``, ``index`` = seq), or why the prompt is not learned."""
@@ -277,8 +285,8 @@ class WindowLearner:
         """Learn one window of stream records; publish or reject its version; returns the outcome's metadata."""
         rows, records = [], {}
         for record in window:
-            why = learnable(record)
-            encoded = self.encode(record) if why is None else why
+            encoded = self.prepare(record)
+            del self._prepared[record["seq"]]
             if isinstance(encoded, str):
                 records[record["seq"]] = {"learned": False, "reason": encoded}
             else:
@@ -381,13 +389,13 @@ class Loop:
         self.pending += [r for r in records if r["seq"] >= self.next_seq]
 
     def next_window(self) -> list[dict[str, Any]] | None:
-        """The next window, when it is complete: ``tlm_chunk_size`` learnable prompts (with the requests received
-        in between), or, with ``tlm_serve_window_s``, whatever arrived that long after its first prompt."""
+        """The next window, when it is complete: ``tlm_chunk_size`` prompts to learn (with the requests received
+        in between that are not learned: ``tlm_learn: false``, tool turns, longer than ``cutoff_len``), or, with ``tlm_serve_window_s``, whatever arrived that long after its first prompt."""
         self._fill()
         size, limit = self.learner.tlm_args.tlm_chunk_size, self.learner.tlm_args.tlm_serve_window_s
         count = 0
         for k, record in enumerate(self.pending):
-            if learnable(record) is None:
+            if not isinstance(self.learner.prepare(record), str):
                 count += 1
                 if count == size:
                     return self.pending[: k + 1]

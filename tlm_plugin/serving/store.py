@@ -49,6 +49,7 @@ class Store:
         self.scores_path = os.path.join(output_dir, outputs.SCORES_FILE)
         self._stream_lock = threading.Lock()
         self._stream_fd: int | None = None
+        self._records: dict[str, dict[str, Any]] = {}
         self.received = 0
 
     # ------------------------------------------------------------------ the stream
@@ -115,12 +116,17 @@ class Store:
         return sorted(int(m.group(1)) for m in map(_REJECTED.match, os.listdir(self.versions_dir)) if m)
 
     def meta(self, n: int) -> dict[str, Any]:
-        with open(os.path.join(self.version_dir(n), VERSION_FILE), encoding="utf-8") as f:
-            return json.load(f)
+        return self._read_once(os.path.join(self.version_dir(n), VERSION_FILE))
 
     def rejected_meta(self, n: int) -> dict[str, Any]:
-        with open(os.path.join(self.versions_dir, f"v{n}.rejected.json"), encoding="utf-8") as f:
-            return json.load(f)
+        return self._read_once(os.path.join(self.versions_dir, f"v{n}.rejected.json"))
+
+    def _read_once(self, path: str) -> dict[str, Any]:
+        """A version's record: written once, never changed, so read from disk once."""
+        if path not in self._records:
+            with open(path, encoding="utf-8") as f:
+                self._records[path] = json.load(f)
+        return self._records[path]
 
     def remove_partial(self) -> None:
         """Versions a kill left half-written (hidden ``.v<N>.partial`` folders)."""

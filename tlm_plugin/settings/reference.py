@@ -58,7 +58,8 @@ def options_markdown() -> str:
     lines = [HEADER]
     lines.append("## Modes (`tlm_mode`)\n")
     for mode in registry.MODES.values():
-        lines.append(f"- `{mode.name}`: {mode.help}")
+        command = f" (`llamafactory-cli {mode.command}`)" if mode.command != "train" else ""
+        lines.append(f"- `{mode.name}`{command}: {mode.help}")
     lines.append("\n## Methods (`tlm_selector`)\n")
     lines.append("| method | modes | what it does |")
     lines.append("|---|---|---|")

@@ -1,5 +1,4 @@
-"""Settings of learning while serving (``tlm_mode: serve`` under ``llamafactory-cli api``): windows, the drift guard,
-the server's limits."""
+"""Learning while serving (``llamafactory-cli api``): the learner's windows, the drift guard, the server's limits."""
 
 from dataclasses import dataclass
 
