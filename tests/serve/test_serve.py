@@ -226,6 +226,10 @@ def test_a_learner_crash_never_stops_answering(shared):
     assert "exited with code -9" in st["learner"]["error"]
     assert not st["learner"]["alive"]
     assert version_of(ask(server, 60, KEY)) == st["current_version"]
+    code, _, body = request(server.url + "/tlm/resume", {}, KEY)  # the operator starts learning again
+    assert code == 200 and body["learner_restarted"]
+    st = wait_for(lambda: (s := status(server, KEY))["learner"]["alive"] and s, what="a new learner")
+    assert st["learner"]["failures"] == 0 and st["learner"]["error"] is None
 
 
 # -------------------------------------------------------------------------------------------------------------------

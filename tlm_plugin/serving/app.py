@@ -96,7 +96,8 @@ class Learner:
         return os.path.join(self.store.output_dir, outputs.LEARNER_LOG_FILE)
 
     def start(self) -> None:
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # no busy-waiting threads beside the answering ones
+        # no busy-waiting threads beside the answering ones; no progress bars in the log
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TQDM_DISABLE="1")
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         try:
             self.proc = subprocess.Popen(
@@ -173,6 +174,7 @@ class Server:
         self.api_key = os.getenv("API_KEY")
         self.in_flight = 0
         self.switching = asyncio.Lock()
+        self.supervisor: asyncio.Task | None = None
         self.latencies: deque[float] = deque(maxlen=200)
         registry = CollectorRegistry()
         self.registry = registry
@@ -228,6 +230,11 @@ class Server:
             + ")",
             flush=True,
         )
+
+    def supervise(self) -> None:
+        """Watch the learner (again, after it was given up on: a rollback or a resume starts it anew)."""
+        if self.learner is not None and (self.supervisor is None or self.supervisor.done()):
+            self.supervisor = asyncio.create_task(self.learner.supervise())
 
     def status(self) -> dict[str, Any]:
         outcomes = self.store.outcomes()
@@ -292,14 +299,22 @@ class Server:
         print(f"tlm serve: rolled back to v{version} (swap {seconds * 1000:.1f} ms)", flush=True)
         if self.learner is not None:
             self.learner.release()
+            self.supervise()
         return {"current_version": version, "rolled_back": sorted(rolled_back)}
 
     def resume(self) -> dict[str, Any]:
+        """Learning again: the drift guard's pause lifted, a learner given up on after failures started anew."""
         control = self.store.control()
         used = self.store.published() + self.store.rejected()
         control["guard_reset_after"] = max(used) if used else -1
         self.store.write_control(control)
-        return {"resumed": True}
+        restarted = False
+        if self.learner is not None and not self.learner.alive():
+            self.learner.release()
+            self.learner.proc = None
+            self.supervise()
+            restarted = True
+        return {"resumed": True, "learner_restarted": restarted}
 
     def refresh_gauges(self) -> None:
         outcomes = self.store.outcomes()
@@ -351,14 +366,14 @@ def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tasks = [asyncio.create_task(server.watch())]
-        if server.learner is not None:
-            tasks.append(asyncio.create_task(server.learner.supervise()))
+        server.supervise()
         yield
         if server.learner is not None:
             server.learner.stopping = True
             await asyncio.to_thread(server.learner.stop)
-        for task in tasks:
-            task.cancel()
+        for task in [*tasks, server.supervisor]:
+            if task is not None:
+                task.cancel()
 
     app = FastAPI(root_path=os.getenv("FASTAPI_ROOT_PATH", ""), lifespan=lifespan)
     limit = server.tlm_args.tlm_serve_max_body_bytes
