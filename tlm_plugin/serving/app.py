@@ -326,6 +326,17 @@ class Server:
         self.metrics["probe"].set(probe if probe is not None else math.nan)
         self.metrics["in_flight"].set(self.in_flight)
 
+    async def finish(self, ticket: Ticket | None, code: str, start: float) -> None:
+        """A chat request is over (answered, refused or failed): its version released, counted, timed."""
+        if ticket is not None:
+            await ticket.done()
+        self.in_flight -= 1
+        self.metrics["requests"].labels(code).inc()
+        if code == "200":
+            elapsed = time.perf_counter() - start
+            self.latencies.append(elapsed)
+            self.metrics["latency"].observe(elapsed)
+
     def retry_after(self) -> int:
         typical = sorted(self.latencies)[len(self.latencies) // 2] if self.latencies else 1.0
         return max(1, math.ceil(typical))
@@ -439,13 +450,7 @@ def create_app(server: Server) -> FastAPI:
             raise
         finally:
             if not streamed:
-                if ticket is not None:
-                    await ticket.done()
-                server.in_flight -= 1
-                server.metrics["requests"].labels(code).inc()
-                if code == "200":
-                    server.latencies.append(time.perf_counter() - start)
-                    server.metrics["latency"].observe(time.perf_counter() - start)
+                await server.finish(ticket, code, start)
 
     @app.get("/tlm/status", dependencies=[Depends(verify_api_key)])
     async def tlm_status():
@@ -513,12 +518,7 @@ async def _marked_events(first: str, events, marks: dict[str, str], ticket: Tick
         code = "500"
         raise
     finally:
-        await ticket.done()
-        server.in_flight -= 1
-        server.metrics["requests"].labels(code).inc()
-        if code == "200":
-            server.latencies.append(time.perf_counter() - start)
-            server.metrics["latency"].observe(time.perf_counter() - start)
+        await server.finish(ticket, code, start)
 
 
 def _mark(chunk: str, marks: dict[str, str]) -> str:
