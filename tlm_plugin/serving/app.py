@@ -510,8 +510,7 @@ async def _marked_events(first: str, events, marks: dict[str, str], ticket: Tick
     """LLaMA-Factory's stream chunks with the request's id and fingerprint; releases the version at the end."""
     code = "200"
     try:
-        for chunk in (first,):
-            yield _mark(chunk, marks)
+        yield _mark(first, marks)
         async for chunk in events:
             yield _mark(chunk, marks)
     except Exception:
