@@ -252,20 +252,40 @@ register_method(
         {"stage": "tlm", "do_train": False, "do_predict": True, "tlm_eval_answers": True},
     )
 )
+_FEWSHOT_TTT = {
+    **TLM_ADAPT,
+    "tlm_mode": "per_prompt",
+    "tlm_selector": "demos",
+    "tlm_demo_orders": 40,
+    "tlm_demo_format": "all",
+    "tlm_prompt_epochs": 1,
+    "per_device_train_batch_size": 5,
+    "lr_scheduler_type": "cosine",
+    "learning_rate": 1.0e-4,
+}
 register_method(
     Method(
         "fewshot-ttt",
         "few-shot TTT: learn the prompt's demonstrations (40 orders, loss on every answer), answer, restore",
+        _FEWSHOT_TTT,
+    )
+)
+# The ARC recipe's augmentations (grids): every order also under the 7 symmetries of the square and a colour
+# permutation, at most 250 sequences per task, 2 epochs in batches of 2 (the paper's ARC settings); then the test
+# input is answered under every augmentation, each answer mapped back, and the hierarchical vote gives the answer
+# and the second attempt (pass@2).
+register_method(
+    Method(
+        "fewshot-ttt-aug",
+        "few-shot TTT with ARC's augmentations: dihedral + colour versions of every order, augmented voting, top-2",
         {
-            **TLM_ADAPT,
-            "tlm_mode": "per_prompt",
-            "tlm_selector": "demos",
-            "tlm_demo_orders": 40,
-            "tlm_demo_format": "all",
-            "tlm_prompt_epochs": 1,
-            "per_device_train_batch_size": 5,
-            "lr_scheduler_type": "cosine",
-            "learning_rate": 1.0e-4,
+            **_FEWSHOT_TTT,
+            "tlm_demo_augment": "dihedral,colors",
+            "tlm_demo_max_sequences": 250,
+            "tlm_demo_vote_augment": True,
+            "tlm_prompt_epochs": 2,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 5.0e-5,
         },
     )
 )

@@ -27,7 +27,6 @@ from tlm_plugin import registry
 from tlm_plugin.modes.offline import pool_scores_and_embeddings
 from tlm_plugin.seeding import prompt_seed
 from tlm_plugin.selectors.base import PromptContext, PromptDataSource
-from tlm_plugin.selectors.demos import majority
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import all_gather_objects, full_parameters, rank_and_world, wait_for_all
 from tlm_plugin.train.gate import RunningFraction, dedupe, flag_fraction, margin, option_letters, uncertain
@@ -41,6 +40,7 @@ from tlm_plugin.train.setup import build_pool_selector
 logger = get_logger(__name__)
 
 PART_PATTERN = outputs.PART_PATTERN
+AS_GIVEN = "identity"  # the augmentation name of the prompt's own answer
 NOT_TRAINED = {"step_losses": [], "step_lrs": [], "steps": 0, "skipped_steps": 0, "overflow_steps": 0}
 
 
@@ -238,36 +238,44 @@ def answer_one(run, learner: PromptLearner, source: PromptDataSource, gate: Gate
 
     t = time.perf_counter()
     phase("data")
-    data, fields = source.rows(p) if gated["flagged"] else ([], {"status": "not flagged"})
+    key = source.cache_key(p) if gated["flagged"] and run.tlm_args.tlm_demo_cache else None
+    cached = run.task_adapters.load(key) if key else None
+    if not gated["flagged"]:
+        data, fields = [], {"status": "not flagged"}
+    elif cached is not None:  # a task trained for an earlier prompt: nothing to build
+        data, fields = [], source.fields(p)
+    else:
+        data, fields = source.rows(p)
     answer_messages = fields.pop("answer_messages", None)
-    vote_messages = fields.pop("vote_messages", None)
+    vote_forms = fields.pop("vote_forms", None)
     timings["data_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     phase("train")
     start_state = {f"{k}_before": v for k, v in measure_likelihoods(run, learner.model, p).items()}
-    key = source.cache_key(p) if data and run.tlm_args.tlm_demo_cache else None
-    cached = run.task_adapters.load(key) if key else None
-    measured = source.loss_rows(p, data) if getattr(source, "measure_data_loss", False) and data else []
-    before = mean_loss(learner, measured) if measured else None
-    if cached is not None:  # a task trained for an earlier prompt: its adapter, no training
-        learner.load_trainable(cached)
-        trained = {**NOT_TRAINED, "cache_hit": True}
+    if cached is not None:  # its adapter, and the losses measured around its training, without training again
+        state, stored = cached
+        learner.load_trainable(state)
+        trained = {**NOT_TRAINED, **stored, "cache_hit": True}
     else:
+        measured = source.loss_rows(p, data) if getattr(source, "measure_data_loss", False) and data else []
+        before = mean_loss(learner, measured) if measured else None
         trained = learner.train(data) if data else dict(NOT_TRAINED)
-        if key:
-            run.task_adapters.save(key, learner.trainable_state())
+        stored = {}
+        if measured:
+            stored = {"data_loss_before": before, "data_loss_after": mean_loss(learner, measured)}
+            trained.update(stored)
+        if key and data:
+            run.task_adapters.save(key, learner.trainable_state(), {**stored, "trained_steps": trained["steps"]})
             trained["cache_hit"] = False
-    if measured:
-        trained.update(data_loss_before=before, data_loss_after=mean_loss(learner, measured))
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     phase("answer")
     record: dict[str, Any] = {"index": p, **gated, **fields, **trained, **start_state}
-    if key:
+    if key and (data or cached is not None):
         record["task"] = key
-    record.update(measure_answer(run, learner.model, p, answer_messages, vote_messages))
+    record.update(measure_answer(run, learner.model, p, answer_messages, vote_forms, source))
     timings["answer_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -301,11 +309,17 @@ def measure_likelihoods(run, model, p: int, answer_messages: list[dict] | None =
 
 
 def measure_answer(
-    run, model, p: int, answer_messages: list[dict] | None = None, vote_messages: list[list[dict]] | None = None
+    run,
+    model,
+    p: int,
+    answer_messages: list[dict] | None = None,
+    vote_forms: list[dict] | None = None,
+    source: PromptDataSource | None = None,
 ) -> dict[str, Any]:
     """:func:`measure_likelihoods` after learning (``*_after`` / ``answer_*``) and the answer itself, with ``model``
     as it is now; ``answer_messages`` replaces the prompt's messages (in-context demonstrations); with
-    ``vote_messages`` the prompt is also answered in those forms and the majority answer is kept (``votes``)."""
+    ``vote_forms`` the prompt is also answered in those forms (all in one batched ``generate``, in slices of
+    ``per_device_eval_batch_size``) and ``source.vote`` keeps one answer."""
     measured = measure_likelihoods(run, model, p, answer_messages)
     out: dict[str, Any] = {f"{k}_after" if k.startswith("log_ppl") else k: v for k, v in measured.items()}
     prompt = run.prompts[p]
@@ -313,17 +327,25 @@ def measure_answer(
     with torch.no_grad():
         if run.training_args.do_predict:
             ids = list(prompt["input_ids"]) if answer_messages is None else run.prompt_ids_for(p, answer_messages)
-            out["answer_ids"] = generate_ids(run.trainer, model, [ids], run.gen_kwargs, False)[0]
             if answer_messages is not None:
                 out["answer_prompt_ids"] = ids
-            if vote_messages:
-                prompts = [run.prompt_ids_for(p, m) for m in vote_messages]
-                answers = [out["answer_ids"]] + generate_ids(run.trainer, model, prompts, run.gen_kwargs, False)
+            prompts = [ids] + [run.prompt_ids_for(p, form["messages"]) for form in vote_forms or []]
+            size = max(run.training_args.per_device_eval_batch_size, 1)
+            answers = []
+            for i in range(0, len(prompts), size):
+                answers += generate_ids(run.trainer, model, prompts[i : i + size], run.gen_kwargs, False)
+            out["answer_ids"] = answers[0]
+            if vote_forms:
                 tokenizer = run.trainer.processing_class
                 texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-                winner = majority(texts)
-                out["votes"] = texts
-                out["answer_ids"] = answers[texts.index(winner)]
+                augments = [AS_GIVEN] + [form["augment"] for form in vote_forms]
+                voted = source.vote(p, augments, texts)
+                winner, position = voted.pop("winner"), voted.pop("winner_position")
+                out.update(voted)
+                if position is not None:
+                    out["answer_ids"] = answers[position]
+                else:  # an answer mapped back by an inverse: its text, encoded
+                    out["answer_ids"] = tokenizer.encode(winner, add_special_tokens=False)
     return out
 
 
@@ -386,6 +408,13 @@ def per_prompt_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if any("n_demos" in r for r in records):
         counts["n_without_demos"] = sum(r.get("n_demos", 0) < 2 for r in records)
+    for field in ("augments_skipped", "vote_augments_skipped"):  # prompts an augmentation did not apply to
+        skipped: dict[str, int] = {}
+        for r in records:
+            for name in r.get(field) or {}:
+                skipped[name] = skipped.get(name, 0) + 1
+        if any(field in r for r in records):
+            counts[f"n_{field}"] = skipped
     statuses: dict[str, int] = {}
     for r in records:
         for ex in r.get("generated", []):

@@ -83,9 +83,21 @@ class PromptDataSource(ABC):
         """Once per run, on every rank together."""
 
     def cache_key(self, index: int) -> str | None:
-        """Prompts with the same key learn the same thing: the adapter trained for the first is reused (None: no
-        sharing)."""
+        """Prompts with the same key learn the same thing: the adapter trained for the first is reused, with what
+        was measured around its training (None: no sharing). Known before the rows are built."""
         return None
+
+    def fields(self, index: int) -> dict[str, Any]:
+        """The record fields of :meth:`rows` without building the rows (a prompt whose task adapter is cached)."""
+        return self.rows(index)[1]
+
+    def vote(self, index: int, augments: list[str], answers: list[str]) -> dict[str, Any]:
+        """The answer kept among the prompt's ``answers`` (its own first, then one per ``vote_forms`` entry, each
+        written under ``augments[i]``): ``winner`` (the text), ``winner_position`` (the answer that wrote it, or
+        None), and what the record keeps. By default: the majority of the texts."""
+        keys = [" ".join(a.split()) for a in answers]
+        position = keys.index(max(keys, key=lambda k: (keys.count(k), -keys.index(k))))
+        return {"winner": answers[position], "winner_position": position, "votes": answers}
 
     def loss_rows(self, index: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The rows whose loss is recorded before and after training (``measure_data_loss``): by default all."""
@@ -95,4 +107,6 @@ class PromptDataSource(ABC):
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Training rows for prompt ``index`` (each with ``input_ids`` and ``loss_mask``: the tokens whose NLL
         the update lowers) and the fields this source adds to the prompt's record. The fields may hold
-        ``answer_messages``: the messages to answer with instead of the prompt's own (in-context demonstrations)."""
+        ``answer_messages``: the messages to answer with instead of the prompt's own (in-context demonstrations), and
+        ``vote_forms``: more forms to answer the prompt in (``{"messages", "augment"}`` each), all answered in one
+        batched ``generate`` with the prompt's own, the answer kept by :meth:`vote`."""

@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from tlm_plugin.augment import resolve
 from tlm_plugin.errors import TLMConfigError
 from tlm_plugin.settings.base import SettingsGroup, setting
 
@@ -30,13 +31,29 @@ class DemoArguments(SettingsGroup):
         "Answer each prompt this many times, its demonstrations in seeded orders (the first as given), and keep the majority answer (exact text; AdaptEval votes on extracted answers).",
         low=1,
     )
+    tlm_demo_augment: str | None = setting(
+        None,
+        "Invertible augmentations of the demonstrations, comma-separated: every training order is written once as given and once under each (rot90, rot180, rot270, flip_h, flip_v, transpose, transpose_anti; dihedral for all seven; colors: a colour permutation keeping 0, seeded by the task; a+b composes; module.path:forward:inverse for your own pair of functions (text, seed) -> text or None). Grid augmentations apply to ARC-style text grids; one that does not apply to a prompt is left out for it and counted.",
+    )
+    tlm_demo_max_sequences: int = setting(
+        250,
+        "tlm_selector: demos: at most this many training sequences per prompt (orders x augmentations, order by order; ARC: 250).",
+        low=1,
+    )
+    tlm_demo_vote_augment: bool = setting(
+        False,
+        "Augmented inference: answer the prompt under each tlm_demo_augment augmentation too (and in tlm_demo_votes orders), map every answer back with the inverse, and take the hierarchical vote (within each augmentation, then across); top2 in tlm_demos.jsonl is ARC's second attempt.",
+    )
     tlm_demo_cache: bool = setting(
         True,
-        "Prompts with the same system prompt, instruction and demonstrations (a task) train once: the adapter is kept in output_dir/tlm_task_adapters/ and reused (cache_hit in tlm_demos.jsonl).",
+        "Prompts with the same training data (a task: the same system prompt, instruction and demonstrations, so the same orders and augmentations) train once: the adapter is kept in output_dir/tlm_task_adapters/ with the losses measured around its training, and reused (cache_hit in tlm_demos.jsonl).",
     )
 
     def check_group(self) -> None:
         compile_pattern(self.tlm_demo_pattern)
+        augments = resolve(self.tlm_demo_augment)  # imports a user's own augmentation module, if one is named
+        if self.tlm_demo_vote_augment and not augments:
+            raise TLMConfigError("tlm_demo_vote_augment: true needs augmentations to vote over (tlm_demo_augment).")
 
 
 def compile_pattern(pattern: str) -> re.Pattern:

@@ -133,19 +133,25 @@ class PromptLearner:
 
 
 class TaskAdapters:
-    """Adapters of the tasks trained so far (``output_dir/tlm_task_adapters/<key>.pt``), shared across ranks and
-    resumed runs; written atomically, so a rank that trains a task another rank trains too loses nothing."""
+    """Adapters of the tasks trained so far (``output_dir/tlm_task_adapters/<key>.pt``: the trainable weights and
+    what was measured around their training), shared across ranks and resumed runs; written atomically, so a rank
+    that trains a task another rank trains too loses nothing."""
 
     def __init__(self, output_dir: str) -> None:
         self.folder = os.path.join(output_dir, outputs.TASK_ADAPTERS_DIR)
 
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(trainable weights, stored record fields) of task ``key``, or None if it was not trained yet."""
         path = os.path.join(self.folder, f"{key}.pt")
-        return torch.load(path, map_location="cpu") if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return None
+        saved = torch.load(path, map_location="cpu")
+        return saved["trainable"], dict(saved.get("record") or {})
 
-    def save(self, key: str, state: dict[str, torch.Tensor]) -> None:
+    def save(self, key: str, state: dict[str, torch.Tensor], record: dict[str, Any] | None = None) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        outputs.atomic_replace(os.path.join(self.folder, f"{key}.pt"), lambda tmp: torch.save(state, tmp))
+        saved = {"trainable": state, "record": record or {}}
+        outputs.atomic_replace(os.path.join(self.folder, f"{key}.pt"), lambda tmp: torch.save(saved, tmp))
 
 
 def candidate_scores(learner: PromptLearner, prompt: list[int], answers: list[list[int]]) -> list[float]:
