@@ -32,6 +32,9 @@ Every case is a real ``llamafactory-cli train`` (one process; multi-rank agreeme
 - ``per_prompt_ttd_endpoint``: TT-D from an OpenAI-compatible endpoint (a stub teacher in this script): every
   prompt learns the example and its loss falls.
 - ``per_prompt_fewshot``: few-shot TTT: one adapter per task, reused, the demonstrations' loss falls.
+- ``per_prompt_arc_augmented``: few-shot TTT on grid tasks with the ARC augmentations (dihedral, colours): 32
+  augmented sequences per task, every test input answered in 18 forms in one batched bf16 ``generate``, grid answers
+  among them and each mapped back exactly by its inverse, the prediction the vote's winner, the task's loss falls.
 - ``resume_after_kill``: an online run killed with SIGKILL mid-stream and rerun: every answer once, in order, and
   the records equal an uninterrupted run's selection.
 - ``serve_hf``: a learning server (``llamafactory-cli api``, ``tlm_mode: serve``, huggingface engine, bf16) answers
@@ -1033,6 +1036,10 @@ def case_per_prompt_ttd_endpoint(ctx) -> str:
     return f"{n} prompts trained on the teacher's example (first prompt's loss {a:.2f} -> {b:.2f})"
 
 
+# LLaMA-Factory reads only the columns named once "columns" is given: the prompt and response must be named too
+ALPACA_HISTORY = {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}
+
+
 def case_per_prompt_fewshot(ctx) -> str:
     rows = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))[:24]
     out_rows = []
@@ -1050,7 +1057,7 @@ def case_per_prompt_fewshot(ctx) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "fewshot.json").write_text(json.dumps(out_rows, indent=1), encoding="utf-8")
     (folder / "dataset_info.json").write_text(
-        json.dumps({"fewshot": {"file_name": "fewshot.json", "columns": {"history": "history"}}}), encoding="utf-8"
+        json.dumps({"fewshot": {"file_name": "fewshot.json", "columns": ALPACA_HISTORY}}), encoding="utf-8"
     )
     recipe = base_recipe(
         ctx,
@@ -1079,6 +1086,86 @@ def case_per_prompt_fewshot(ctx) -> str:
     return "4 task adapters, 20 reuses; demo-answer loss " + ", ".join(
         f"{x['data_loss_before']:.2f}->{x['data_loss_after']:.2f}" for x in trained
     )
+
+
+def _grid_text(grid) -> str:
+    return "\n".join(" ".join(str(c) for c in row) for row in grid)
+
+
+def _parse_grid(text: str):
+    rows = [line.strip().split(" ") for line in text.strip().split("\n")]
+    if not rows or any(not all(c.isdigit() and len(c) == 1 for c in row) for row in rows):
+        return None
+    return [[int(c) for c in row] for row in rows] if len({len(r) for r in rows}) == 1 else None
+
+
+# each symmetry's inverse, written here independently of tlm_plugin.grids
+_UNDO = {
+    "rot90": lambda g: [list(r) for r in zip(*g)][::-1],
+    "rot180": lambda g: [r[::-1] for r in g[::-1]],
+    "rot270": lambda g: [list(r) for r in zip(*g[::-1])],
+    "flip_h": lambda g: [r[::-1] for r in g],
+    "flip_v": lambda g: [list(r) for r in g[::-1]],
+    "transpose": lambda g: [list(r) for r in zip(*g)],
+    "transpose_anti": lambda g: [list(r) for r in zip(*[r[::-1] for r in g[::-1]])],
+}
+
+
+def case_per_prompt_arc_augmented(ctx) -> str:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(2):  # 2 grid tasks (output: the input mirrored), 3 demonstrations, 2 test inputs each
+        grids = [[[rng.randrange(4) for _ in range(3)] for _ in range(3)] for _ in range(5)]
+        history = [[_grid_text(g), _grid_text([r[::-1] for r in g])] for g in grids[:3]]
+        for g in grids[3:]:
+            mirrored = _grid_text([r[::-1] for r in g])
+            rows.append({"instruction": _grid_text(g), "input": "", "output": mirrored, "history": history})
+    folder = ctx.work / "arc_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "arc.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    (folder / "dataset_info.json").write_text(
+        json.dumps({"arc": {"file_name": "arc.json", "columns": ALPACA_HISTORY}}), encoding="utf-8"
+    )
+    recipe = base_recipe(
+        ctx,
+        folder,
+        "arc",
+        ctx.work / "arc",
+        tlm_mode="per_prompt",
+        tlm_selector="demos",
+        tlm_demo_orders=4,
+        tlm_demo_augment="dihedral,colors",
+        tlm_demo_max_sequences=32,
+        tlm_demo_vote_augment=True,
+        tlm_demo_votes=2,
+        tlm_prompt_epochs=6,  # enough for the tiny model to answer in grids, so that answers are mapped back
+        learning_rate=5.0e-3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=18,
+        max_new_tokens=24,
+        tlm_log_p0=None,
+    )
+    out = run_ok(recipe, ctx.work, "per_prompt_arc_augmented")
+    lines = read_jsonl(out / "tlm_demos.jsonl")
+    predictions = read_jsonl(out / "generated_predictions.jsonl")
+    expect([x["index"] for x in lines] == [0, 1, 2, 3], "each prompt once, in order")
+    expect([x["cache_hit"] for x in lines] == [False, True, False, True], "the second test input reuses its task")
+    expect(all(x["steps"] == 48 for x in lines[::2]), "32 sequences in batches of 4, 6 epochs: 48 steps per task")
+    expect(all(len(x["vote_answers"]) == 18 for x in lines), "9 versions x 2 orders answered per test input")
+    mapped = 0
+    for x in lines:
+        for vote in x["vote_answers"]:
+            grid = _parse_grid(vote["raw"])
+            if vote["augment"] in _UNDO and grid is not None:
+                expect(vote["answer"] == _grid_text(_UNDO[vote["augment"]](grid)), f"{vote} mapped back wrongly")
+                mapped += 1
+    expect(mapped > 0, "no answer was a grid: nothing was mapped back")
+    for x, p in zip(lines, predictions):
+        winner = x["candidates"][0]["answer"] if x["candidates"] else None
+        expect(winner is None or p["predict"].strip() == winner, "the prediction is not the vote's winner")
+    expect(all(x["data_loss_after"] < x["data_loss_before"] for x in lines[::2]), "a task's loss did not fall")
+    expect(lora_b_norm(out) == 0.0, "the saved adapter is not the restored starting adapter")
+    return f"2 tasks x 2 inputs, 18 answers each in one batched generate, {mapped} grid answers mapped back"
 
 
 def case_resume_after_kill(ctx) -> str:
@@ -1314,6 +1401,7 @@ CASES = [
     case_per_prompt_ttsi,
     case_per_prompt_ttd_endpoint,
     case_per_prompt_fewshot,
+    case_per_prompt_arc_augmented,
     case_resume_after_kill,
     case_serve_hf,
     case_serve_vllm,

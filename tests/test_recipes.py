@@ -31,7 +31,9 @@ from tlm_plugin.serving import recipe as serve_recipe
 REPO = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 SERVE_RECIPES = [path for path in ALL_RECIPES if path.parent.name == "serve"]  # llamafactory-cli api
-RECIPES = [path for path in ALL_RECIPES if path not in SERVE_RECIPES]  # llamafactory-cli train
+# LLaMA-Factory's own stage sft (the fine-tuning before test time of the ARC recipe)
+SFT_RECIPES = [path for path in ALL_RECIPES if re.search(r"(?m)^stage: sft$", path.read_text(encoding="utf-8"))]
+RECIPES = [path for path in ALL_RECIPES if path not in SERVE_RECIPES + SFT_RECIPES]  # llamafactory-cli train
 PAPER_MODELS = {
     "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
     "llama3.2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3"),
@@ -211,6 +213,39 @@ def test_fewshot_recipe_carries_the_papers_bbh_settings(tmp_path):
     assert training_args.learning_rate == 1e-4 and training_args.per_device_train_batch_size == 5
     assert training_args.num_train_epochs == 1.0 and str(training_args.lr_scheduler_type.value) == "cosine"
     assert model_args.model_name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_arc_recipes_carry_the_papers_arc_settings(tmp_path):
+    """ARC (Akyürek et al., Table 6 and the marc configs), 1B: LoRA r 128, alpha 16, dropout 0 on q/v and the MLP;
+    lr 5e-5, 2 epochs, batch 2, AdamW with weight decay 0.01, cosine, at most 250 augmented sequences per task,
+    augmented voting with 2 orders, bf16; it starts from the task-similar fine-tuning's output."""
+    path = REPO / "recipes" / "fewshot" / "llama3.2_1b_instruct_arc_ttt.yaml"
+    tlm_args, (model_args, data_args, training_args, finetuning_args, generating_args) = parse(path, tmp_path)
+    assert (tlm_args.tlm_mode, tlm_args.tlm_selector, tlm_args.tlm_demo_format) == ("per_prompt", "demos", "all")
+    assert tlm_args.tlm_demo_augment == "dihedral,colors" and tlm_args.tlm_demo_max_sequences == 250
+    assert tlm_args.tlm_demo_vote_augment and tlm_args.tlm_demo_votes == 2 and tlm_args.tlm_prompt_epochs == 2
+    assert (finetuning_args.lora_rank, finetuning_args.lora_alpha, finetuning_args.lora_dropout) == (128, 16, 0.0)
+    assert set(finetuning_args.lora_target) == {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    assert training_args.learning_rate == 5e-5 and training_args.per_device_train_batch_size == 2
+    assert training_args.weight_decay == 0.01 and str(training_args.lr_scheduler_type.value) == "cosine"
+    assert training_args.per_device_eval_batch_size == 9 * tlm_args.tlm_demo_votes  # every form in one generate
+    assert (data_args.dataset, data_args.template) == (["arc"], "llama3")
+    sft = yaml.safe_load((REPO / "recipes" / "fewshot" / "arc_task_similar_sft.yaml").read_text(encoding="utf-8"))
+    assert model_args.model_name_or_path == sft["output_dir"]
+
+
+@pytest.mark.parametrize("path", SFT_RECIPES, ids=_id)
+def test_sft_recipe_is_parsed_by_llamafactory_with_the_papers_settings(path, tmp_path):
+    """The task-similar fine-tuning (full, lr 2.5e-5, 2 epochs, batch 32, cosine) parses as LLaMA-Factory's own
+    stage sft on the arc_sft data (`adapteval build --bench arc-sft`)."""
+    assert path.read_text(encoding="utf-8").splitlines()[0] == f"# llamafactory-cli train recipes/{_id(path)}"
+    get_train_args = seam.resolve("llamafactory.hparams.get_train_args")
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(load(path, tmp_path))
+    assert finetuning_args.stage == "sft" and finetuning_args.finetuning_type == "full"
+    assert data_args.dataset == ["arc_sft"] and model_args.model_name_or_path == "meta-llama/Llama-3.2-1B-Instruct"
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    assert (training_args.learning_rate, training_args.num_train_epochs, batch) == (2.5e-5, 2.0, 32)
+    assert str(training_args.lr_scheduler_type.value) == "cosine"
 
 
 @pytest.mark.parametrize("path", SERVE_RECIPES, ids=_id)
