@@ -10,12 +10,19 @@ Output folder::
     manifest.json        {"format": "adapteval-build/1",
                           "datasets": {<name>: {"bench", "metric", "answer_format", "rows", "seed", "source", ...}}}
 
-Building into a folder that already holds a build adds to it: entries of other datasets are kept.
+Rows may carry their own ``system`` prompt and ``history`` (the few-shot bench, ARC): dataset_info.json then maps those
+columns too. Building into a folder that already holds a build adds to it: entries of other datasets are kept.
 
 Selection: rows from the hub or a package are pooled over their parts (e.g. GSM8K train + test), shuffled with
-``random.Random(seed)``, and the first ``n`` that format to a valid, not-yet-seen (instruction, input) pair are kept,
-in shuffled order. A released fixed file is the benchmark itself: with ``n`` at least its size every row is kept
-in file order; a smaller ``n`` keeps a seeded sample, still in file order.
+``random.Random(seed)``, and the first ``n`` that format to a valid, not-yet-seen prompt (instruction, input, and the
+system prompt and history of rows that carry them) are kept, in shuffled order; ``n`` None keeps every valid distinct
+row (the datasets built whole, ``DatasetSpec.complete``). A released fixed file is the benchmark itself: with ``n``
+at least its size every row is kept in file order; a smaller ``n`` keeps a seeded sample, still in file order.
+
+Length: with ``cutoff_len`` (``--cutoff-len``; default: the dataset's own, 8192 for ARC, else none) the rows whose
+whole sequence is longer are dropped after selection and counted in the manifest (``cutoff_len``,
+``dropped_over_cutoff``, ``counted_with``: tokens of ``--tokenizer`` in ``--template``'s encoding, else an upper
+bound from the texts' bytes; ``adapteval.lengths``). A dataset built without a cutoff has none of these keys.
 """
 
 import bisect
@@ -29,6 +36,7 @@ from types import ModuleType
 from adapteval.datasets._base import DatasetSpec, SourcePart
 from adapteval.datasets._packages import install_commands, missing_packages
 from adapteval.errors import DataUnavailableError, MissingPackageError
+from adapteval.lengths import Lengths, drop_over_cutoff
 from adapteval.records import write_json
 from adapteval.registry import fixed_path, get_dataset, resolve
 
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_N = 5000
 DEFAULT_SEED = 42
 DEFAULT_SHOTS = 5  # demonstrations per prompt of the few-shot bench
+DEFAULT_SFT_PER_TASK = 32  # rows per task of arc_sft
 MANIFEST_FORMAT = "adapteval-build/1"
 DATASET_INFO = "dataset_info.json"
 MANIFEST = "manifest.json"
@@ -49,26 +58,48 @@ FIXED_SOURCE = "adapteval-fixed"
 def build(
     datasets_or_benches: str | list[str],
     out_dir: str | Path,
-    n: int = DEFAULT_N,
+    n: int | None = None,
     seed: int = DEFAULT_SEED,
     offline: bool = False,
     fixed_dir: str | Path | None = None,
     shots: int = DEFAULT_SHOTS,
+    cutoff_len: int | None = None,
+    tokenizer: str | None = None,
+    template: str | None = None,
+    sft_per_task: int = DEFAULT_SFT_PER_TASK,
 ) -> dict:
     """Build the named datasets and/or benches ("all", "domain,reasoning", ["gsm8k"]) into ``out_dir``.
 
     ``offline`` builds benches from the offline packs (plus the released files found in ``fixed_dir``) and never
     touches the hub; without it, paper datasets come from the hub unless their released file is in ``fixed_dir``.
+    ``n`` rows per dataset (None: ``DEFAULT_N``, or every row of a dataset built whole). ``cutoff_len`` drops the
+    rows longer than it (None: each dataset's own default), counted in ``tokenizer``'s tokens in ``template``'s
+    encoding when given, else bounded by the texts' bytes. ``sft_per_task``: rows per task of ``arc_sft``.
     Every dataset is built before anything is written, so a failure leaves ``out_dir`` as it was.
     Returns the folder's manifest (the dict written to manifest.json).
     """
-    if n < 1:
+    if n is not None and n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if cutoff_len is not None and cutoff_len < 1:
+        raise ValueError(f"--cutoff-len must be at least 1, got {cutoff_len}")
     if fixed_dir is not None and not Path(fixed_dir).is_dir():
         raise DataUnavailableError(f"--fixed-dir {fixed_dir} is not a folder")
+    lengths = Lengths(tokenizer, template)
     names = resolve(datasets_or_benches, offline=offline, fixed_dir=fixed_dir)
     _check_packages(names, fixed_dir)
-    built = {name: build_dataset(name, n=n, seed=seed, fixed_dir=fixed_dir, shots=shots) for name in names}
+    built = {
+        name: build_dataset(
+            name,
+            n=n,
+            seed=seed,
+            fixed_dir=fixed_dir,
+            shots=shots,
+            cutoff_len=cutoff_len,
+            lengths=lengths,
+            sft_per_task=sft_per_task,
+        )
+        for name in names
+    }
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +112,9 @@ def build(
         write_json(out / file_name, rows)
         record["file"] = file_name
         record["sha256"] = _sha256(out / file_name)
-        columns = dict(ALPACA_COLUMNS, **({"history": "history"} if record.get("shots") else {}))
+        columns = dict(
+            ALPACA_COLUMNS, **{key: key for key in ("history", "system") if any(key in row for row in rows)}
+        )
         dataset_info[name] = {"file_name": file_name, "formatting": "alpaca", "columns": columns}
         manifest["datasets"][name] = record
         logger.info("adapteval: wrote %s (%d rows) to %s", file_name, len(rows), out)
@@ -110,15 +143,21 @@ def _check_packages(names: list[str], fixed_dir) -> None:
 
 def build_dataset(
     name: str,
-    n: int = DEFAULT_N,
+    n: int | None = None,
     seed: int = DEFAULT_SEED,
     fixed_dir: str | Path | None = None,
     shots: int = DEFAULT_SHOTS,
+    cutoff_len: int | None = None,
+    lengths: Lengths | None = None,
+    sft_per_task: int = DEFAULT_SFT_PER_TASK,
 ) -> tuple[list[dict], dict]:
-    """The rows of one dataset and its manifest record, without writing anything."""
+    """The rows of one dataset and its manifest record, without writing anything (arguments as ``build``'s)."""
     module = get_dataset(name)
     spec: DatasetSpec = module.SPEC
+    if n is None and not spec.complete:
+        n = DEFAULT_N
     path = fixed_path(spec, fixed_dir)
+    options = {"per_task": sft_per_task} if spec.per_task else {}
     if spec.shots:  # K demonstrations first, then n test rows that are never among them
         if shots < 1:
             raise ValueError(f"--shots must be at least 1 for {name}, got {shots}")
@@ -131,8 +170,17 @@ def build_dataset(
             demonstration_rows=[d["source_row"] for d in demos],
             demonstrations="the first K distinct valid rows of the seeded order; the test rows follow them",
         )
+    elif path is not None:  # a paper dataset: never built whole, so n is set
+        rows, record = _from_fixed_file(path, n, seed)
     else:
-        rows, record = _from_fixed_file(path, n, seed) if path is not None else _from_source(module, n, seed)
+        rows, record = _from_source(module, n, seed, options)
+    cutoff_len = spec.cutoff_len if cutoff_len is None else cutoff_len
+    if cutoff_len is not None:
+        lengths = lengths or Lengths()
+        rows, dropped = drop_over_cutoff(rows, cutoff_len, lengths.count)
+        record.update(cutoff_len=cutoff_len, dropped_over_cutoff=len(dropped), counted_with=lengths.counted_with)
+        if any("task_id" in row for row in dropped):
+            record["dropped_tasks"] = sorted({row["task_id"] for row in dropped})
     return rows, {
         "title": spec.title,
         "bench": spec.bench,
@@ -152,10 +200,10 @@ def user_turn(row: dict) -> str:
     return f"{row['instruction']}\n{row['input']}" if row.get("input") else row["instruction"]
 
 
-def _from_source(module: ModuleType, n: int, seed: int) -> tuple[list[dict], dict]:
+def _from_source(module: ModuleType, n: int | None, seed: int, options: dict | None = None) -> tuple[list[dict], dict]:
     spec: DatasetSpec = module.SPEC
     try:
-        parts: list[SourcePart] = module.load_parts(n, seed)
+        parts: list[SourcePart] = module.load_parts(n, seed, **(options or {}))
     except DataUnavailableError as err:
         released = f" (released file name: {spec.fixed_file})" if spec.fixed_file else ""
         raise type(err)(f"{spec.name}: {err}{released}") from err
@@ -179,7 +227,7 @@ def _from_source(module: ModuleType, n: int, seed: int) -> tuple[list[dict], dic
         if formatted is None:
             skipped_invalid += 1
             continue
-        key = (formatted["instruction"], formatted["input"])
+        key = (formatted["instruction"], formatted["input"], formatted.get("system"), _history_key(formatted))
         if key in seen:
             skipped_duplicate += 1
             continue
@@ -197,7 +245,7 @@ def _from_source(module: ModuleType, n: int, seed: int) -> tuple[list[dict], dic
         "source_kind": "hub" if spec.needs_hub else "package",
         "source": spec.source,
         "parts": [
-            {"source": part.source, "version": part.version, "file": part.file, "rows": len(part.rows)}
+            {"source": part.source, "version": part.version, "file": part.file, "rows": len(part.rows), **part.counts}
             for part in parts
         ],
         "selection": f"random.Random({seed}).shuffle over {offsets[-1]} pooled rows; first valid distinct rows kept",
@@ -245,6 +293,11 @@ def _from_fixed_file(path: Path, n: int, seed: int) -> tuple[list[dict], dict]:
         "parts": [{"source": FIXED_SOURCE, "version": digest[:12], "file": path.name, "rows": len(data)}],
         "selection": selection,
     }
+
+
+def _history_key(row: dict) -> tuple | None:
+    history = row.get("history")
+    return None if history is None else tuple(tuple(turn) for turn in history)
 
 
 def _read_json_object(path: Path) -> dict:

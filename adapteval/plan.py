@@ -34,7 +34,7 @@ UNHASHED_KEYS = ("dataset_dir", "output_dir")
 
 # The paper's settings (Hu et al. 2025, Sec. 5.1 / App. B). The learning rate depends on the bench and is only
 # used when the base recipe sets none.
-# the TLM paper per bench; fewshot: the few-shot TTT paper (Akyürek et al.) on BIG-Bench Hard; arc: its ARC
+# the TLM paper per bench; fewshot: the few-shot TTT paper (Akyürek et al.) on BIG-Bench Hard; arc, arc-dev: its ARC
 # test-time training of 1B/3B models (8B: 1e-4); arc-sft: its fine-tuning on similar tasks before test time
 PAPER_LEARNING_RATES = {
     "domain": 5.0e-5,
@@ -42,6 +42,7 @@ PAPER_LEARNING_RATES = {
     "reasoning": 1.0e-6,
     "fewshot": 1.0e-4,
     "arc": 5.0e-5,
+    "arc-dev": 5.0e-5,
     "arc-sft": 2.5e-5,
 }
 PAPER_RECIPE: dict[str, Any] = {

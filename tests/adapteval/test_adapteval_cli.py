@@ -34,7 +34,7 @@ def test_unknown_bench_is_a_user_error_listing_valid_names(tmp_path, capsys):
     assert code == cli.EXIT_USER_ERROR
     error = capsys.readouterr().err
     assert "unknown AdaptEval bench or dataset 'domian'" in error
-    assert "valid benches: domain, instruction, reasoning, fewshot, all" in error
+    assert "valid benches: domain, instruction, reasoning, fewshot, arc, arc-sft, all" in error
     assert not (tmp_path / "out").exists()
 
 
@@ -51,7 +51,7 @@ def test_a_new_subcommand_is_one_function(monkeypatch):
 
     monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, add_report_command])
     assert cli.main(["hello", "--results", "r.json"]) == 7
-    assert cli.build_parser().parse_args(["build", "--bench", "all", "--out", "x"]).n == 5000
+    assert cli.build_parser().parse_args(["build", "--bench", "all", "--out", "x"]).n is None  # 5000, ARC: all
 
 
 def test_commands_that_score_say_which_extra_to_install_when_its_packages_are_missing(monkeypatch, capsys):

@@ -18,6 +18,8 @@ OFFLINE = {
     "reasoning": ["gsm_symbolic", "logiqa_evals"],
 }
 FEWSHOT = ["logiqa_fewshot", "gsm_fewshot"]
+ARC = ["arc", "arc_train"]
+HEADLINE = {"reasoning": "em", "fewshot": "em", "arc": "pass@2", "arc-dev": "pass@2", "arc-sft": "pass@2"}
 
 
 def test_every_builder_has_a_version_and_a_consistent_spec():
@@ -25,7 +27,7 @@ def test_every_builder_has_a_version_and_a_consistent_spec():
         assert isinstance(module.VERSION, str) and module.VERSION, name
         assert module.SPEC.name == name
         assert callable(module.load_parts) and callable(module.format_row)
-        assert module.SPEC.metric == ("em" if module.SPEC.bench in ("reasoning", "fewshot") else "rougeLsum")
+        assert module.SPEC.metric == HEADLINE.get(module.SPEC.bench, "rougeLsum")
         assert module.SPEC.shots == (module.SPEC.bench == "fewshot")
         assert module.SPEC.needs_hub == (module.SPEC.fixed_file is not None)
 
@@ -37,6 +39,19 @@ def test_the_ten_paper_datasets_and_their_benches():
     assert sum(spec.needs_hub for spec in specs()) == 10
     assert bench_datasets("fewshot", offline=True) == FEWSHOT  # our addition: never part of "all"
     assert resolve("fewshot", offline=True) == FEWSHOT and not set(FEWSHOT) & set(resolve("all", offline=True))
+
+
+def test_benches_without_paper_datasets_are_their_offline_packs_with_or_without_offline():
+    for bench, members in (
+        ("fewshot", FEWSHOT),
+        ("arc", ["arc"]),
+        ("arc-dev", ["arc_train"]),
+        ("arc-sft", ["arc_sft"]),
+    ):
+        assert bench_datasets(bench) == bench_datasets(bench, offline=True) == members
+    assert resolve("arc,arc-dev,arc-sft", offline=True) == [*ARC, "arc_sft"]
+    everything = set(resolve("all")) | set(resolve("all", offline=True))
+    assert not everything & {*ARC, "arc_sft"}  # never part of "all"
 
 
 def test_resolve_mixes_benches_and_datasets_without_repeats():
@@ -57,7 +72,7 @@ def test_unknown_name_lists_valid_names():
         resolve("domain,reasonin")
     message = str(error.value)
     assert "'reasonin'" in message
-    assert "valid benches: domain, instruction, reasoning, fewshot, all" in message
+    assert "valid benches: domain, instruction, reasoning, fewshot, arc, arc-dev, arc-sft, all" in message
     assert "gsm8k" in message and "chatterbot" in message
     with pytest.raises(UnknownNameError, match="no dataset or bench named"):
         resolve(" , ")
