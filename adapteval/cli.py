@@ -44,7 +44,7 @@ def add_build_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--bench",
         required=True,
-        help="comma-separated benches (domain, instruction, reasoning, all; fewshot, arc, arc-sft) and/or dataset "
+        help="comma-separated benches (domain, instruction, reasoning, all; fewshot, arc, arc-dev, arc-sft) and/or dataset "
         "names (gsm8k, ...)",
     )
     parser.add_argument("--out", required=True, help="output folder (created; an existing build there is extended)")
