@@ -4,7 +4,7 @@
                     [--cutoff-len N [--tokenizer PATH --template T]] [--sft-per-task K]
     adapteval run --model PATH --template T --bench B --methods base,tlm,tlm-online --out DIR [--limit N] [--data DIR]
                   [--offline] [--fixed-dir DIR] [--recipe YAML] [--set [METHOD:]KEY=VALUE ...] [--backend hf|vllm]
-                  [--force]
+                  [--workers N [--gpus-per-cell G] | --ray ADDRESS] [--force]
     adapteval report DIR
     adapteval stream --data FILE --recipe R [--url URL] [--api-key KEY] [--clients K] [--out DIR] [--limit N] [--skip N]
                      [--max-tokens M] [--settle S] [--bin B]
@@ -25,6 +25,7 @@ from adapteval import runner, stream, ttft
 from adapteval.builder import DEFAULT_N, DEFAULT_SEED, DEFAULT_SFT_PER_TASK, DEFAULT_SHOTS, build
 from adapteval.errors import DataUnavailableError, RunnerError, ServerError, UnknownNameError
 from adapteval.methods import METHODS
+from adapteval.parallel import CellsFailedError
 from adapteval.registry import resolve
 from adapteval.tables import write_reports
 
@@ -174,6 +175,27 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
         help="no generation: each cell measures the reference answers' bits per byte (one teacher-forced pass), "
         "the headline metric",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run up to N cells at once on this machine, each with its own GPUs (--gpus-per-cell); a failed cell is "
+        "recorded and the others go on",
+    )
+    parser.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=None,
+        help="GPUs of each cell (default: with --workers an equal share of CUDA_VISIBLE_DEVICES; with --ray 1 on a "
+        "cluster with GPUs, else 0)",
+    )
+    parser.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="submit the cells as tasks to the Ray cluster at ADDRESS (e.g. auto, or host:6379); its nodes must see "
+        "--out and --data at the same paths",
+    )
     parser.add_argument("--force", action="store_true", help="rerun cells even when a finished cell.json exists")
     parser.set_defaults(handler=run_run)
 
@@ -210,7 +232,14 @@ def run_run(args: argparse.Namespace) -> int:
             progress=progress,
             answers_only=args.answers_only,
             teacher=args.teacher,
+            workers=args.workers,
+            gpus_per_cell=args.gpus_per_cell,
+            ray_address=args.ray,
         )
+    except CellsFailedError as err:  # the finished cells are reported; the failed ones rerun next time
+        _print_reports(write_reports(args.out))
+        print(f"adapteval run: error: {err}", file=sys.stderr)
+        return 1
     except RunnerError as err:
         print(f"adapteval run: error: {err}", file=sys.stderr)
         return 1

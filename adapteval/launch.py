@@ -26,6 +26,7 @@ from tlm_plugin.train.outputs import PREDICTIONS_FILE
 
 BACKENDS = ("hf", "vllm")
 LOG_TAIL_LINES = 40
+FAILED_FILE = "failed.json"  # a cell that failed in a run of many at once (adapteval.parallel)
 ADAPTER_CONFIG = "adapter_config.json"  # what PEFT saves with a LoRA adapter
 
 Launcher = Callable[[Path, Path, Mapping[str, str]], int]  # (recipe.yaml, run.log, environment) -> exit code
@@ -55,7 +56,7 @@ def run_cell(cell: Cell, launcher: Launcher, env: Mapping[str, str], predictor: 
     train) and then ``predictor`` on ``predict.yaml`` (``adapteval.vllm_predict``), both logging to run.log.
     """
     cell.dir.mkdir(parents=True, exist_ok=True)
-    for stale in (cell.dir / CELL_FILE, cell.dir / "output", cell.dir / "data"):
+    for stale in (cell.dir / CELL_FILE, cell.dir / FAILED_FILE, cell.dir / "output", cell.dir / "data"):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():

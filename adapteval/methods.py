@@ -33,6 +33,9 @@ class Method:
             raise ValueError(f"a method name must be non-empty and contain no ',' or ':', got {self.name!r}")
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
 
+    def __reduce__(self):  # the read-only overrides travel as a dict (Ray tasks, processes)
+        return (Method, (self.name, self.description, dict(self.overrides)))
+
     def apply(self, recipe: Mapping[str, Any]) -> dict[str, Any]:
         """``recipe`` with this method's keys set (a new dict)."""
         return {**recipe, **self.overrides}

@@ -34,10 +34,11 @@ cell.json has the same config hash is reused (see ``adapteval.plan``).
 The runner returns data and never prints; pass ``progress`` to hear about each finished cell.
 """
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from adapteval import launch
+from adapteval import launch, parallel
 from adapteval.builder import DATASET_INFO
 from adapteval.methods import TEACHER_METHODS, resolve_methods
 from adapteval.plan import cached, check_cache, load_base_recipe, parse_overrides, plan_cell, prepare_data
@@ -66,6 +67,9 @@ def run(
     predictor: launch.Launcher | None = None,
     answers_only: bool = False,
     teacher: str | None = None,
+    workers: int = 1,
+    gpus_per_cell: int | None = None,
+    ray_address: str | None = None,
 ) -> list[dict]:
     """Run (or reuse) every cell of ``bench`` x ``methods`` into ``out``; returns the cells' records, in order.
 
@@ -78,6 +82,9 @@ def run(
     ``backend="vllm"``: cells that adapt before answering (base and every offline method) train with
     ``do_predict: false``, then answer in a second step on LLaMA-Factory's vLLM engine (``adapteval.vllm_predict``,
     run by ``predictor``); online and per-prompt cells answer in between updates and keep HF generation.
+    ``workers`` > 1 runs that many cells at once, each with ``gpus_per_cell`` of the visible GPUs; ``ray_address``
+    submits the cells to a Ray cluster (``adapteval.parallel``). Then a failed cell is recorded and the others go
+    on, and ``parallel.CellsFailedError`` names the failed ones at the end (its ``records``: the others).
     """
     launch.check_backend(backend)
     if limit is not None and limit < 1:
@@ -117,6 +124,8 @@ def run(
     check_cache(cells, force)
 
     env = launch.subprocess_env()
+    if workers > 1 or ray_address is not None:
+        return _run_at_once(cells, force, env, launcher, predictor, progress, workers, gpus_per_cell, ray_address)
     records = []
     for done, cell in enumerate(cells, start=1):
         record = None if force else cached(cell)  # after check_cache: None, or a record of this config
@@ -129,3 +138,35 @@ def run(
         if progress is not None:
             progress(done, len(cells), record, is_cached)
     return records
+
+
+def _run_at_once(cells, force, env, launcher, predictor, progress, workers, gpus_per_cell, ray_address) -> list[dict]:
+    """The cached cells first (reported at once), then the others at once: locally or on Ray."""
+    records: list[dict | None] = [None if force else cached(cell) for cell in cells]
+    finished = 0
+    lock = threading.Lock()
+
+    def done(position: int, record: dict, is_cached: bool = False) -> None:
+        nonlocal finished
+        with lock:
+            finished += 1
+            if progress is not None:
+                progress(finished, len(cells), record, is_cached)
+
+    for position, record in enumerate(records):
+        if record is not None:
+            done(position, record, True)
+    todo = [p for p, record in enumerate(records) if record is None]
+    if ray_address is not None:
+        return parallel.run_on_ray(cells, todo, records, ray_address, gpus_per_cell, done)
+    return parallel.run_local(
+        cells,
+        todo,
+        records,
+        workers,
+        gpus_per_cell,
+        env,
+        launcher or launch.launch_llamafactory,
+        predictor or launch.launch_vllm_predict,
+        done,
+    )
