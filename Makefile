@@ -12,7 +12,7 @@ EVALS := evals==3.0.1.post1
 # torch (about 5 GB less than PyPI's CUDA build).
 TORCH_INDEX ?=
 
-.PHONY: install demo test lint bench clean test-floor gpu-check-cpu
+.PHONY: install demo test test-ui lint bench clean test-floor gpu-check-cpu
 
 install: $(DEV_STAMP)
 
@@ -39,6 +39,13 @@ lint: $(DEV_STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Stage tlm in LlamaBoard, driven in headless Chromium: Debian's chromium and chromium-driver (installed with apt-get
+# when missing; needs root), Selenium from the dev extra. `make test` runs the same test whenever they are present.
+test-ui: $(DEV_STAMP)
+	command -v chromedriver >/dev/null && (command -v chromium || command -v chromium-browser) >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -rs tests/ui
 
 # The declared lower bounds, installed exactly in their own venv (Python 3.11, LLaMA-Factory's floor), and the
 # backend, skip and resume tests run there; the demo model is converted again with the floor's gguf/transformers.

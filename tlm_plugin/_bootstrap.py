@@ -2,9 +2,10 @@
 
 The wheel installs ``llamafactory_tlm.pth`` into site-packages; Python executes its import line at every
 interpreter start (torchrun workers included). This module must stay cheap and import nothing heavy: it only
-registers a ``sys.meta_path`` finder that waits for ``llamafactory.train.tuner`` (``llamafactory-cli train``) or
-``llamafactory.api.app`` (``llamafactory-cli api``) to be imported, lets the real loader run, then hands the module to
-:func:`tlm_plugin.patch.apply` or :func:`tlm_plugin.modes.serve.hook`.
+registers a ``sys.meta_path`` finder that waits for ``llamafactory.train.tuner`` (``llamafactory-cli train``),
+``llamafactory.api.app`` (``llamafactory-cli api``) or ``llamafactory.webui.interface`` (``llamafactory-cli webui``) to
+be imported, lets the real loader run, then hands the module to :func:`tlm_plugin.patch.apply`,
+:func:`tlm_plugin.modes.serve.hook` or :func:`tlm_plugin.webui.apply`.
 
 Set ``LLAMAFACTORY_TLM_DISABLE=1`` to turn the automatic hook off (``tlm_plugin.install()`` still works).
 """
@@ -16,6 +17,7 @@ import sys
 
 TARGET = "llamafactory.train.tuner"
 API_TARGET = "llamafactory.api.app"
+WEBUI_TARGET = "llamafactory.webui.interface"
 DISABLE_ENV = "LLAMAFACTORY_TLM_DISABLE"
 
 
@@ -28,7 +30,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        (_patch_api if module.__name__ == API_TARGET else _patch)(module)
+        _PATCHES[module.__name__](module)
 
 
 def _patch(tuner) -> None:
@@ -48,11 +50,21 @@ def _patch_api(app) -> None:
         app.run_api.__tlm_plugin_patched__ = True
 
 
+def _patch_webui(interface) -> None:
+    # Deferred as above: the web UI's stage tlm (Gradio components) is imported only once LlamaBoard's interface is.
+    from tlm_plugin.webui import apply
+
+    apply(interface)
+
+
+_PATCHES = {TARGET: _patch, API_TARGET: _patch_api, WEBUI_TARGET: _patch_webui}
+
+
 class _TunerFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of the one module it watches."""
+    """Finds nothing itself; wraps the loader of the modules it watches."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in (TARGET, API_TARGET):
+        if fullname not in _PATCHES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -70,14 +82,12 @@ def register() -> None:
 
 
 def install() -> None:
-    """Register the hook, and patch the tuner now if it is already imported."""
+    """Register the hook, and patch the watched modules now that are already imported."""
     register()
-    tuner = sys.modules.get(TARGET)
-    if tuner is not None:
-        _patch(tuner)
-    app = sys.modules.get(API_TARGET)
-    if app is not None:
-        _patch_api(app)
+    for name, patch in _PATCHES.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            patch(module)
 
 
 if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):

@@ -1,10 +1,11 @@
 """Every LLaMA-Factory, transformers, accelerate and DeepSpeed name the plugin reaches that is not part of the
 library's documented interface, in one place.
 
-``stage: tlm`` needs four kinds of LLaMA-Factory internals: the tuner's training function (the hook), the callbacks
-its sft stage builds, the chat template's element-by-element encoding (the user-token masks) and the aligned rows
-of the dataset loader (``_prompt``/``_response``/``_system``/``_tools`` columns). They are looked up here and nowhere
-else, so a release that moves one of them breaks this module and ``tests/test_seam.py``, which names what changed.
+``stage: tlm`` needs five kinds of LLaMA-Factory internals: the tuner's training function (the hook), the callbacks
+its sft stage builds, the chat template's element-by-element encoding (the user-token masks), the aligned rows
+of the dataset loader (``_prompt``/``_response``/``_system``/``_tools`` columns) and the methods of LlamaBoard's
+runner behind its training form (the stage in the web UI). They are looked up here and nowhere else, so a release
+that moves one of them breaks this module and ``tests/test_seam.py``, which names what changed.
 """
 
 import contextlib
@@ -72,6 +73,18 @@ INTERNALS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "accelerate.state.GradientState._set_sync_gradients": (
         "holding the optimizer wrapper back during a skipped update",
         ("self", "sync_gradients"),
+    ),
+    "llamafactory.webui.runner.Runner._initialize": (
+        "LlamaBoard's checks of its training form before a preview or a start (stage tlm adds its own)",
+        ("self", "data", "do_train", "from_preview"),
+    ),
+    "llamafactory.webui.runner.Runner._parse_train_args": (
+        "the recipe LlamaBoard builds from its training form (stage tlm adds its settings)",
+        ("self", "data"),
+    ),
+    "llamafactory.webui.runner.Runner._build_config_dict": (
+        "the form values LlamaBoard saves beside a run (the stage tlm settings only with stage tlm)",
+        ("self", "data"),
     ),
 }
 
@@ -181,6 +194,33 @@ def sft_callbacks(model_args, data_args, training_args, finetuning_args, generat
     reporter = resolve("llamafactory.train.callbacks.ReporterCallback")
     callbacks.append(reporter(model_args, data_args, finetuning_args, generating_args))
     return callbacks
+
+
+_WEBUI_RUNNER = "llamafactory.webui.runner.Runner"
+
+
+def wrap_webui_runner(initialize, parse_train_args, build_config_dict) -> None:
+    """Replace the three methods of LlamaBoard's ``Runner`` behind its training form, each by what its wrapper makes of
+    the original: ``initialize`` wraps ``_initialize`` (the checks before a preview or a start),
+    ``parse_train_args`` wraps ``_parse_train_args`` (the recipe built from the form) and ``build_config_dict`` wraps
+    ``_build_config_dict`` (the form values saved beside a run). Changes nothing when one of them has moved
+    (:class:`SeamError` names it)."""
+    runner = resolve(_WEBUI_RUNNER)
+    wrappers = {
+        "_initialize": initialize,
+        "_parse_train_args": parse_train_args,
+        "_build_config_dict": build_config_dict,
+    }
+    for problem in (check(f"{_WEBUI_RUNNER}.{name}") for name in wrappers):
+        if problem is not None:
+            raise SeamError(problem)
+    for name, wrap in wrappers.items():
+        setattr(runner, name, wrap(getattr(runner, name)))
+
+
+def webui_train_args(runner, data: dict) -> dict:
+    """The recipe LlamaBoard's ``runner`` builds from the training form's values ``data``."""
+    return runner._parse_train_args(data)
 
 
 def set_sync_gradients(accelerator, value: bool) -> None:
