@@ -328,6 +328,9 @@ def test_llamafactory_cli_train_with_augmentations_and_augmented_voting(tiny_mod
     for record, prediction in zip(records, predictions, strict=True):
         winner = record["candidates"][0]["answer"] if record.get("candidates") else None
         assert winner is None or prediction["predict"].strip() == winner
+    log = read_jsonl(out / "trainer_log.jsonl")  # LlamaBoard's progress bar and loss curve
+    assert [x["current_steps"] for x in log] == [1, 2, 3] and {x["total_steps"] for x in log} == {3}
+    assert log[0]["loss"] == round(sum(first["step_losses"]) / 3, 4) and log[1]["loss"] is None  # cached: no steps
     summary = json.loads((out / "tlm_summary.json").read_text())
     assert summary["per_prompt"]["n_augments_skipped"] == {"rot90": 1, "colors": 1}
     assert summary["per_prompt"]["n_cache_hits"] == 1

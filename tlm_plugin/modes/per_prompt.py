@@ -13,6 +13,7 @@ skips the prompts found there (whatever the number of ranks) and the final files
 when every prompt is done (records travel between ranks by collectives, so nodes need no shared file system).
 """
 
+import datetime
 import glob
 import math
 import os
@@ -40,6 +41,7 @@ from tlm_plugin.train.setup import build_pool_selector
 logger = get_logger(__name__)
 
 PART_PATTERN = outputs.PART_PATTERN
+TRAINER_LOG = "trainer_log.jsonl"  # LLaMA-Factory's name: LlamaBoard reads progress and losses from it
 AS_GIVEN = "identity"  # the augmentation name of the prompt's own answer
 NOT_TRAINED = {"step_losses": [], "step_lrs": [], "steps": 0, "skipped_steps": 0, "overflow_steps": 0}
 
@@ -219,12 +221,33 @@ def run_per_prompt(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         part = os.path.join(run.output_dir, PART_PATTERN.format(rank=rank))
         start = time.perf_counter()
         bar = tqdm(todo, desc="per-prompt", disable=rank != 0, dynamic_ncols=True)
-        for p in bar:
+        log = os.path.join(run.output_dir, TRAINER_LOG) if rank == 0 else None
+        for done_here, p in enumerate(bar, start=1):
             record = answer_one(run, learner, source, gate, p, phase=lambda name: bar.set_postfix_str(name))
             append_lines(part, [outputs.jsonl_line(record)])
+            if log is not None:
+                append_lines(log, [outputs.jsonl_line(progress_line(record, done_here, len(todo), start))])
         run.timings["per_prompt_s"] = time.perf_counter() - start
     wait_for_all()  # shares take different times: a wait of days, over host memory, not a ddp_timeout barrier
     return _assemble(run, rows, source)
+
+
+def progress_line(record: dict[str, Any], done: int, total: int, start: float) -> dict[str, Any]:
+    """One line of LLaMA-Factory's ``trainer_log.jsonl`` (what LlamaBoard's progress bar and loss curve read) after
+    a prompt of this rank: prompts answered as steps, the prompt's mean training loss (none when it did not train)."""
+    losses = [x for x in record.get("step_losses", []) if x == x]
+    elapsed = time.perf_counter() - start
+    remaining = elapsed / done * (total - done)
+    return {
+        "current_steps": done,
+        "total_steps": total,
+        "loss": round(sum(losses) / len(losses), 4) if losses else None,
+        "lr": record["step_lrs"][0] if record.get("step_lrs") else None,
+        "percentage": round(done / max(total, 1) * 100, 2),
+        "elapsed_time": str(datetime.timedelta(seconds=int(elapsed))),
+        "remaining_time": str(datetime.timedelta(seconds=int(remaining))),
+        "prompt": record["index"],
+    }
 
 
 def answer_one(run, learner: PromptLearner, source: PromptDataSource, gate: Gate, p: int, phase=None) -> dict:
