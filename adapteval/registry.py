@@ -85,7 +85,7 @@ def specs() -> list[DatasetSpec]:
 
 def bench_datasets(bench: str, offline: bool = False, fixed_dir: str | Path | None = None) -> list[str]:
     """The datasets a bench stands for: the paper's datasets, or offline the offline packs plus every paper
-    dataset whose released fixed file is in ``fixed_dir``. A bench without paper datasets (fewshot, arc, arc-sft)
+    dataset whose released fixed file is in ``fixed_dir``. A bench without paper datasets (fewshot, arc, arc-dev, arc-sft)
     is its offline packs either way."""
     members = [spec for spec in specs() if spec.bench == bench]
     if not offline:

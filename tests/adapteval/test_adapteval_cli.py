@@ -34,7 +34,7 @@ def test_unknown_bench_is_a_user_error_listing_valid_names(tmp_path, capsys):
     assert code == cli.EXIT_USER_ERROR
     error = capsys.readouterr().err
     assert "unknown AdaptEval bench or dataset 'domian'" in error
-    assert "valid benches: domain, instruction, reasoning, fewshot, arc, arc-sft, all" in error
+    assert "valid benches: domain, instruction, reasoning, fewshot, arc, arc-dev, arc-sft, all" in error
     assert not (tmp_path / "out").exists()
 
 
