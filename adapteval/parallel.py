@@ -175,7 +175,13 @@ def run_on_ray(
         raise RunnerError("--ray needs the ray package: pip install 'ray[default]'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        try:
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        except ConnectionError as err:
+            raise RunnerError(
+                f"--ray {address}: no Ray cluster answered there ({err}). Start one with `ray start --head` and pass "
+                "the address it prints (`ray start --address='HOST:PORT'`), or `auto` for the one on this machine."
+            ) from None
     try:
         if gpus_per_cell is None:
             gpus_per_cell = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

@@ -6,6 +6,7 @@ two workers, and on a local Ray cluster of two CPU workers started and stopped b
 
 import importlib.util
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -138,12 +139,15 @@ def test_real_cells_with_two_workers_and_on_a_local_ray_cluster_equal_the_sequen
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # Ray picks the node's address itself (as on a cluster) and prints it; the driver connects to what it printed.
     start = [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0"]
-    start += ["--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"]
+    start += ["--include-dashboard=false", "--disable-usage-stats"]
     started = subprocess.run(start, capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        on_ray = _real_run(tmp_path / "ray", data_dir, recipe, "--ray", f"127.0.0.1:{port}")
+        printed = re.search(r"--address='([^']+)'", started.stdout + started.stderr)
+        address = printed.group(1) if printed else f"127.0.0.1:{port}"
+        on_ray = _real_run(tmp_path / "ray", data_dir, recipe, "--ray", address)
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
     assert _same(on_ray) == _same(sequential)
