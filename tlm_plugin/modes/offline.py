@@ -19,9 +19,11 @@ from llamafactory.extras.logging import get_logger
 from tlm_plugin.objectives.step import estimate_fisher
 from tlm_plugin.train import outputs
 from tlm_plugin.train.backend import barrier
-from tlm_plugin.train.embeddings import check_embeddings, encoder_embeddings
+from tlm_plugin.train.data import LazyPool, message_text
+from tlm_plugin.train.embeddings import check_embeddings, encoder_embeddings, pool_store
 from tlm_plugin.train.generation import generate_answers
 from tlm_plugin.train.passes import mean_nll
+from tlm_plugin.train.pool_store import PoolStore
 from tlm_plugin.train.run import base_rows, measure_after, save_predictions
 
 
@@ -115,9 +117,40 @@ def _fisher(run, train_rows) -> None:
     run.trainer.use_fisher(*estimate_fisher(run.trainer, [train_rows[i] for i in range(n)]))
 
 
+def _store_embeddings(run) -> tuple[np.ndarray, PoolStore]:
+    """A pool store's run: the test prompts' encoder vectors (their messages, as the pool rows are read) and the
+    store of ``tlm_pool_dataset`` (embedded shard by shard, or reused), with its faiss index."""
+    a, args = run.tlm_args, run.training_args
+    device = str(args.device)
+    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)  # used on GPUs only
+    texts = [message_text(prompt) for prompt in run.aligned["_prompt"]]
+    prompt_emb = encoder_embeddings(a.tlm_sift_embedder, texts, device=device, dtype=dtype)
+    store = pool_store(
+        a.tlm_sift_embedder,
+        run.pool,
+        device=device,
+        dtype=dtype,
+        root=a.tlm_pool_store,
+        shard_rows=a.tlm_pool_shard_rows,
+        dtype_on_disk=a.tlm_pool_dtype,
+        index=a.tlm_pool_index,
+        nprobe=a.tlm_pool_nprobe,
+    )
+    check_embeddings("test-prompt", prompt_emb)
+    if run.is_main:
+        torch.save(
+            {"embedder": a.tlm_sift_embedder, "prompts": torch.from_numpy(prompt_emb), "pool": store.describe()},
+            os.path.join(run.output_dir, outputs.EMBEDDINGS_FILE),
+        )
+    run.pool_store = store.describe()
+    return prompt_emb, store
+
+
 def _embeddings(run, prompt_scores, pool_scores) -> tuple[np.ndarray, np.ndarray]:
     embedder = run.tlm_args.tlm_sift_embedder
     pool = run.pool if run.pool is not None else run.prompts
+    if isinstance(run.pool, LazyPool):
+        return _store_embeddings(run)
     if embedder == "model":
         prompt_emb, pool_emb = prompt_scores["embedding"], pool_scores["embedding"]
     else:
@@ -150,8 +183,8 @@ def pool_scores_and_embeddings(run) -> tuple[dict, dict, np.ndarray, np.ndarray]
     prompt_scores = run.prompt_scores(embed=embed)
     if run.pool is None:
         pool_scores = prompt_scores
-    elif not embed and run.tlm_args.per_prompt:  # per prompt, pool rows need no score: only embeddings
-        pool_scores = {}
+    elif not embed and (run.tlm_args.per_prompt or isinstance(run.pool, LazyPool)):
+        pool_scores = {}  # per prompt, pool rows need no score; a pool store's picked rows are scored once picked
     else:
         pool_scores = run.score(run.pool, embed=embed, desc="embedding the pool")
         pool_scores["log_ppl"] = mean_nll(pool_scores, "loss_mask")
@@ -176,11 +209,19 @@ def run_pool_subset(run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows = base_rows(run, prompt_scores)
 
     start = time.perf_counter()
-    picks, variances = run.trainer.selector.pick(torch.from_numpy(prompt_emb), torch.from_numpy(pool_emb))
+    pool_emb = torch.from_numpy(pool_emb) if isinstance(pool_emb, np.ndarray) else pool_emb
+    picks, variances = run.trainer.selector.select(torch.from_numpy(prompt_emb), pool_emb)
     picks = picks.tolist()
     write_selection(run, [{"targets": "all", "picks": picks, "variances": variances.tolist()}])
     run.timings["select_s"] = time.perf_counter() - start
-    weights = pool_log_ppl_weights(pool_scores["log_ppl"][picks], tlm_args.tlm_lambda, tlm_args.tlm_log_p0)
+    if "log_ppl" not in pool_scores:  # a pool store: only the picked rows are scored
+        unique = sorted(set(picks))
+        scored = run.score(run.pool.select(unique), desc="scoring the picked pool rows") if unique else None
+        by_row = dict(zip(unique, mean_nll(scored, "loss_mask"))) if unique else {}
+        pool_log_ppl = np.array([by_row[p] for p in picks], dtype=np.float64)
+    else:
+        pool_log_ppl = pool_scores["log_ppl"][picks]
+    weights = pool_log_ppl_weights(pool_log_ppl, tlm_args.tlm_lambda, tlm_args.tlm_log_p0)
     counts = np.bincount(np.asarray(picks, dtype=np.int64), minlength=len(pool_emb))
     for row in rows:  # which test prompts were learned from (only meaningful when the pool is the test set)
         count = int(counts[row["index"]]) if run.pool is None else 0

@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from llamafactory.extras.logging import get_logger
 from tqdm import tqdm
@@ -64,9 +65,8 @@ class PoolSource(PromptDataSource):
 
     def rows(self, index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         selector = build_pool_selector(self.run.tlm_args, seed=self.ctx.prompt_seed(index))
-        picks, variances = selector.pick(
-            torch.from_numpy(self.prompt_emb[index : index + 1]), torch.from_numpy(self.pool_emb)
-        )
+        pool = torch.from_numpy(self.pool_emb) if isinstance(self.pool_emb, np.ndarray) else self.pool_emb
+        picks, variances = selector.select(torch.from_numpy(self.prompt_emb[index : index + 1]), pool)
         rows = [
             {"input_ids": self.pool[r]["input_ids"], "loss_mask": self.pool[r]["loss_mask"]} for r in picks.tolist()
         ]

@@ -6,6 +6,7 @@ Unlike the perplexity selectors, these do not weight the test prompts: they choo
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 
 from tlm_plugin.selectors.sift import nearest_select, posterior_variance, sift_select
@@ -31,6 +32,22 @@ class PoolSelector(ABC):
     def pick(self, target: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool row indices in pick order (repeats allowed) and the targets' total variance after each pick."""
 
+    def search_size(self, rows: int) -> int:
+        """How many rows to pre-select from a pool store's index before :meth:`pick` runs on them."""
+        return rows
+
+    absolute = True  # pre-select by |cosine| (SIFT's pre-selection) rather than by cosine (retrieval)
+
+    def select(self, target: torch.Tensor, pool) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pick` over ``pool``: an (n, d) tensor, or a pool store (``len``, ``candidates``, ``vectors``:
+        :class:`tlm_plugin.train.pool_store.PoolStore`), whose index pre-selects the rows :meth:`pick` sees."""
+        if isinstance(pool, torch.Tensor):
+            return self.pick(target, pool)
+        size = self.search_size(len(pool))
+        rows = pool.candidates(target.numpy(), size, self.absolute) if size < len(pool) else np.arange(len(pool))
+        local, variances = self.pick(target, torch.from_numpy(pool.vectors(rows)))
+        return torch.from_numpy(rows)[local], variances
+
 
 class SiftSelector(PoolSelector):
     """SIFT (Hübotter et al., ICLR 2025): greedy minimisation of the targets' posterior variance."""
@@ -39,12 +56,20 @@ class SiftSelector(PoolSelector):
         candidates = self.candidates if self.candidates and self.candidates < len(pool) else None
         return sift_select(target, pool, self.budget, lambda_=self.lambda_, candidates=candidates, alpha=self.alpha)
 
+    def search_size(self, rows):
+        return min(self.candidates or rows, rows)
+
 
 class NearestSelector(PoolSelector):
     """Nearest-neighbour retrieval: the top-N pool rows by cosine to the targets, no repeats."""
 
+    absolute = False
+
     def pick(self, target, pool):
         return nearest_select(target, pool, self.budget, lambda_=self.lambda_)
+
+    def search_size(self, rows):
+        return min(self.budget, rows)
 
 
 class RandomPoolSelector(PoolSelector):
@@ -52,11 +77,22 @@ class RandomPoolSelector(PoolSelector):
     informed selectors at the same budget). Seeded per prompt by the caller, so resumed and sharded runs agree."""
 
     def pick(self, target, pool):
-        rows = torch.randperm(len(pool), generator=self.generator)[: min(self.budget, len(pool))]
-        variances = torch.stack(
-            [posterior_variance(target, pool[rows[: n + 1]], self.lambda_).sum() for n in range(len(rows))]
+        rows = self._rows(len(pool))
+        return rows, self._variances(target, pool[rows])
+
+    def select(self, target, pool):
+        if isinstance(pool, torch.Tensor):
+            return self.pick(target, pool)
+        rows = self._rows(len(pool))
+        return rows, self._variances(target, torch.from_numpy(pool.vectors(rows.numpy())))
+
+    def _rows(self, n: int) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator)[: min(self.budget, n)]
+
+    def _variances(self, target, picked: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [posterior_variance(target, picked[: n + 1], self.lambda_).sum() for n in range(len(picked))]
         )
-        return rows, variances
 
 
 # per-prompt pool selection: the registry name -> the pool class (``random`` is TLM's control elsewhere)

@@ -11,6 +11,7 @@
 """
 
 import copy
+import hashlib
 import json
 import os
 from typing import Any
@@ -21,7 +22,9 @@ from llamafactory.extras import logging
 from llamafactory.extras.constants import IGNORE_INDEX
 
 from tlm_plugin import seam
+from tlm_plugin.cache import cache_dir
 from tlm_plugin.errors import TLMConfigError
+from tlm_plugin.train import outputs
 from tlm_plugin.train.token_scope import TemplateScopeError, answer_content_mask, truncated_user_content_mask
 
 
@@ -146,57 +149,161 @@ def load_prompts(template, model_args, data_args, training_args, tokenizer_modul
     return prompts, eval_rows, aligned
 
 
-def load_pool(names: str, template, model_args, data_args, training_args, tokenizer_module, loss_tokens: str):
+POOL_FILE_TYPES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def pool_dataset_names(names: str, data_args) -> tuple[list[str], str]:
+    """The dataset names of ``tlm_pool_dataset`` and the ``dataset_dir`` to read them from.
+
+    Names from ``dataset_info.json`` as usual; or one data file (``.jsonl``/``.json``/``.parquet``/``.csv``/``.arrow``),
+    described by a ``dataset_info.json`` written beside the run's cache: alpaca columns (``instruction``/``input``/
+    ``output``), a ``text`` column (prompts only), or chat ``messages`` (role/content) / ``conversations``
+    (from/value, ShareGPT), as read from its first row.
+    """
+    listed = [name.strip() for name in names.split(",") if name.strip()]
+    if len(listed) != 1 or not listed[0].lower().endswith(POOL_FILE_TYPES):
+        return listed, data_args.dataset_dir
+    path = os.path.abspath(os.path.expanduser(listed[0]))
+    if not os.path.isfile(path):
+        raise TLMConfigError(f"tlm_pool_dataset: the file {path} does not exist.")
+    entry = {"file_name": path, **_file_columns(path)}
+    folder = os.path.join(str(cache_dir()), "pool-datasets", hashlib.sha256(path.encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    outputs.atomic_write(os.path.join(folder, "dataset_info.json"), json.dumps({"tlm_pool": entry}, indent=2))
+    return ["tlm_pool"], folder
+
+
+def _file_columns(path: str) -> dict[str, Any]:
+    """dataset_info.json's description of a pool file, from the column names of its first row."""
+    import pyarrow.dataset as pads  # noqa: PLC0415  (datasets' own dependency; only pool files need it)
+
+    kind = {".jsonl": "json", ".json": "json"}.get(os.path.splitext(path)[1].lower(), None)
+    if kind == "json":
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1 << 20).lstrip()
+        try:
+            first = json.loads(head.splitlines()[0]) if not head.startswith("[") else None
+        except (json.JSONDecodeError, IndexError) as err:
+            raise TLMConfigError(f"tlm_pool_dataset {path}: line 1 is not a JSON object: {err}") from err
+        if first is None:  # a JSON array: the first element
+            decoder = json.JSONDecoder()
+            try:
+                first = decoder.raw_decode(head[1:].lstrip())[0]
+            except json.JSONDecodeError as err:
+                raise TLMConfigError(
+                    f"tlm_pool_dataset {path}: the first element is not a JSON object: {err}"
+                ) from err
+        keys = set(first) if isinstance(first, dict) else set()
+    else:
+        fmt = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc"}[os.path.splitext(path)[1].lower()]
+        keys = set(pads.dataset(path, format=fmt).schema.names)
+    if "messages" in keys:
+        tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+        return {
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {**tags, "system_tag": "system"},
+        }
+    if "conversations" in keys:
+        return {"formatting": "sharegpt", "columns": {"messages": "conversations"}}
+    if "instruction" in keys:
+        columns = {"prompt": "instruction"}
+        columns.update({k: v for k, v in (("query", "input"), ("response", "output")) if v in keys})
+        return {"columns": columns}
+    if "text" in keys:
+        return {"columns": {"prompt": "text"}}
+    raise TLMConfigError(
+        f"tlm_pool_dataset {path}: its rows have columns {sorted(keys)}; a pool file needs `instruction` (with "
+        "`input`/`output`), `text`, `messages` (role/content) or `conversations` (ShareGPT). Other layouts: describe "
+        "the file in dataset_info.json and name it instead."
+    )
+
+
+def _pool_args(names: str, data_args):
+    pool_args = copy.copy(data_args)
+    pool_args.dataset, pool_args.dataset_dir = pool_dataset_names(names, data_args)
+    pool_args.eval_dataset, pool_args.val_size = None, 0.0
+    pool_args.max_samples, pool_args.tokenized_path = None, None
+    pool_args.streaming = False
+    return pool_args
+
+
+def load_pool(
+    names: str,
+    template,
+    model_args,
+    data_args,
+    training_args,
+    tokenizer_module,
+    loss_tokens: str,
+    lazy: bool = False,
+):
     """The ``tlm_pool_dataset`` rows as training rows.
 
     A pool row with a response (a question and its answer, a document in chat form) is the whole exchange as
     LLaMA-Factory's supervised processing encodes it: the update learns the prompt and the answer (``tlm_loss_tokens:
     user``: the user's content and the answer's tokens). A row without one is a templated prompt, as for the test set.
+
+    ``lazy``: a :class:`LazyPool` (for a sentence-encoder embedder, which needs no LLM pass over the pool): the
+    aligned rows stay in Arrow on disk and a row is tokenised when it is picked, so a pool of millions costs no
+    up-front processing.
     """
-    pool_args = copy.copy(data_args)
-    pool_args.dataset = [name.strip() for name in names.split(",") if name.strip()]
-    pool_args.eval_dataset, pool_args.val_size = None, 0.0
-    pool_args.max_samples, pool_args.tokenized_path = None, None
+    pool_args = _pool_args(names, data_args)
     try:
         aligned = load_aligned(pool_args.dataset, model_args, pool_args, training_args)
-        module = get_dataset(template, model_args, pool_args, training_args, stage="tlm", **tokenizer_module)
+        if aligned is None or len(aligned) == 0:
+            raise ValueError("no rows")
+        module = None
+        if not lazy:
+            module = get_dataset(template, model_args, pool_args, training_args, stage="tlm", **tokenizer_module)
     except ValueError as err:
         raise TLMConfigError(f"tlm_pool_dataset {names!r} could not be read, or has no rows: {err}") from err
-    if module.get("train_dataset") is None or len(module["train_dataset"]) == 0:
+    if module is not None and (module.get("train_dataset") is None or len(module["train_dataset"]) == 0):
         raise TLMConfigError(f"tlm_pool_dataset {names!r} has no rows: the pool selectors need rows to pick from.")
     check_text_only(aligned, f"tlm_pool_dataset {names}")
     tokenizer = tokenizer_module["tokenizer"]
-    answered = [len(r) == 1 and bool((r[0].get("content") or "").strip()) for r in aligned["_response"]]
+    if lazy:
+        return LazyPool(aligned, template, tokenizer, pool_args, loss_tokens, names)
+    answered = [_answered(r) for r in aligned["_response"]]
     if not any(answered):
         pool = prompt_dataset(module["train_dataset"])
         return with_masks(pool, aligned, template, tokenizer, pool_args.cutoff_len, loss_tokens, "the pool")
-    return _exchange_rows(aligned, answered, template, tokenizer, pool_args, loss_tokens, names)
+    encode = PoolRowEncoder(template, tokenizer, pool_args, loss_tokens, names)
+    return Dataset.from_list([encode(row, i) for i, row in enumerate(aligned)])
 
 
-def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_tokens: str, names: str) -> Dataset:
-    """Pool rows encoded as whole exchanges (prompt + answer), with loss and user masks over them."""
-    processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
-    sft_args = copy.copy(data_args)
-    sft_args.mask_history, sft_args.train_on_prompt = True, False
-    processor = processor_cls(template=template, tokenizer=tokenizer, processor=None, data_args=sft_args)
-    unsupervised = seam.resolve("llamafactory.data.processor.unsupervised.UnsupervisedDatasetProcessor")(
-        template=template, tokenizer=tokenizer, processor=None, data_args=data_args
-    )
-    rows = {"input_ids": [], "loss_mask": [], "user_mask": [], "index": []}
-    for i, row in enumerate(aligned):
-        batch = {k: [row[k]] for k in aligned.column_names}
-        if answered[i]:
-            encoded = processor.preprocess_dataset(batch)
+def _answered(response) -> bool:
+    return len(response) == 1 and bool((response[0].get("content") or "").strip())
+
+
+class PoolRowEncoder:
+    """One aligned pool row -> ``input_ids``, ``loss_mask``, ``user_mask``, ``index``: the whole exchange as sft
+    encodes it when the row has an answer, else the templated prompt (as at generation time)."""
+
+    def __init__(self, template, tokenizer, data_args, loss_tokens: str, names: str) -> None:
+        processor_cls = seam.resolve("llamafactory.data.processor.supervised.SupervisedDatasetProcessor")
+        sft_args = copy.copy(data_args)
+        sft_args.mask_history, sft_args.train_on_prompt = True, False
+        self.supervised = processor_cls(template=template, tokenizer=tokenizer, processor=None, data_args=sft_args)
+        self.unsupervised = seam.resolve("llamafactory.data.processor.unsupervised.UnsupervisedDatasetProcessor")(
+            template=template, tokenizer=tokenizer, processor=None, data_args=data_args
+        )
+        self.template, self.tokenizer, self.loss_tokens, self.names = template, tokenizer, loss_tokens, names
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        batch = {k: [v] for k, v in row.items()}
+        if _answered(row["_response"]):
+            encoded = self.supervised.preprocess_dataset(batch)
             ids, labels = encoded["input_ids"][0], encoded["labels"][0]
             answer = [int(lab != IGNORE_INDEX) for lab in labels]
             source_len = answer.index(1) if 1 in answer else len(ids)
         else:
-            ids = unsupervised.preprocess_dataset(batch)["input_ids"][0]
+            ids = self.unsupervised.preprocess_dataset(batch)["input_ids"][0]
             answer, source_len = [0] * len(ids), len(ids)
         try:
             _, user = truncated_user_content_mask(
-                template,
-                tokenizer,
+                self.template,
+                self.tokenizer,
                 row["_prompt"] + [{"role": "assistant", "content": ""}],
                 10**9,
                 row["_system"] or None,
@@ -204,15 +311,49 @@ def _exchange_rows(aligned, answered, template, tokenizer, data_args, loss_token
             )
             user = (user + [0] * len(ids))[:source_len] + [0] * (len(ids) - source_len)
         except TemplateScopeError as err:
-            if loss_tokens == "user":
-                raise TLMConfigError(f"tlm_loss_tokens: user (tlm_pool_dataset {names}): {err}") from err
+            if self.loss_tokens == "user":
+                raise TLMConfigError(f"tlm_loss_tokens: user (tlm_pool_dataset {self.names}): {err}") from err
             user = [0] * len(ids)
-        scope = [max(u, a) for u, a in zip(user, answer)] if loss_tokens == "user" else [1] * len(ids)
-        rows["input_ids"].append(ids)
-        rows["loss_mask"].append(scope)
-        rows["user_mask"].append(user)
-        rows["index"].append(i)
-    return Dataset.from_dict(rows)
+        scope = [max(u, a) for u, a in zip(user, answer)] if self.loss_tokens == "user" else [1] * len(ids)
+        return {"input_ids": ids, "loss_mask": scope, "user_mask": user, "index": index}
+
+
+class LazyPool:
+    """A pool kept as LLaMA-Factory's aligned rows (Arrow, memory-mapped) and encoded when a row is picked.
+
+    Quacks like the eager pool's ``Dataset`` where the pool selectors read it: ``len``, ``pool[i]`` (a row's
+    ``input_ids``, ``loss_mask``, ``user_mask``) and ``select(rows)`` (a ``Dataset`` of those rows, in that order,
+    repeats kept). :meth:`texts` gives the text a sentence encoder embeds, a slice at a time.
+    """
+
+    def __init__(self, aligned: Dataset, template, tokenizer, data_args, loss_tokens: str, names: str) -> None:
+        self.aligned, self.names = aligned, names
+        self.encode = PoolRowEncoder(template, tokenizer, data_args, loss_tokens, names)
+
+    def __len__(self) -> int:
+        return len(self.aligned)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"pool row {index} is out of range (the pool has {len(self)} rows)")
+        return self.encode(self.aligned[index], index)
+
+    def select(self, rows) -> Dataset:
+        return Dataset.from_list([self[r] for r in rows])
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """The encoder text of rows ``[start, stop)``: the prompt's messages, and the answer where there is one."""
+        part = self.aligned[start:stop]
+        return [
+            message_text(prompt + (response if _answered(response) else []))
+            for prompt, response in zip(part["_prompt"], part["_response"])
+        ]
+
+
+def message_text(messages: list[dict[str, Any]]) -> str:
+    """What a sentence encoder reads of a conversation: its messages' contents, one per line."""
+    return "\n".join(m.get("content") or "" for m in messages)
 
 
 def answer_rows(aligned: Dataset, encoder: "Encoder") -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import torch
 from tlm_plugin.cache import cache_dir
 from tlm_plugin.errors import TLMConfigError
 from tlm_plugin.train.outputs import atomic_replace
+from tlm_plugin.train.pool_store import build_store
 
 
 ENCODING = "sentence-transformers/1"  # part of the cache key: vectors written another way are never reused
@@ -40,15 +41,46 @@ def encoder_embeddings(
     return embeddings
 
 
-def _cache_path(encoder_dir: str, texts: list[str], dtype: torch.dtype | None = None):
-    if not os.path.isdir(encoder_dir):
-        return None
+def encoder_key(encoder_dir: str, dtype: torch.dtype | None = None) -> str:
+    """What identifies vectors from ``encoder_dir`` in ``dtype``: the encoding, precision and the encoder's files
+    (names, sizes, modification times)."""
     digest = hashlib.sha256(f"{ENCODING}:{dtype}".encode())
     for root, _, files in sorted(os.walk(encoder_dir)):
         for name in sorted(files):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, encoder_dir)
             digest.update(f"{rel}:{os.path.getsize(full)}:{int(os.path.getmtime(full))}".encode())
+    return digest.hexdigest()
+
+
+def pool_store(
+    encoder_dir: str,
+    pool,
+    batch_size: int = 32,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    dtype_on_disk: str = "float16",
+    **store,
+):
+    """The :class:`~tlm_plugin.train.pool_store.PoolStore` of a :class:`~tlm_plugin.train.data.LazyPool` embedded by
+    the sentence encoder in ``encoder_dir`` (built, or resumed, shard by shard; the encoder loads only if a shard
+    is still to embed). ``dtype``: the encoder's precision on GPUs; ``dtype_on_disk``: the shards'; ``store``: ``root``,
+    ``shard_rows``, ``index``, ``nprobe`` of :func:`~tlm_plugin.train.pool_store.build_store`."""
+    dtype = dtype if dtype is not None and str(device).startswith("cuda") else None
+    loaded = []
+
+    def embed(texts: list[str]):
+        if not loaded:
+            loaded.append(load_encoder(encoder_dir, device, dtype))
+        return encode(loaded[0], texts, batch_size)
+
+    return build_store(pool.texts, len(pool), embed, encoder_key(encoder_dir, dtype), dtype=dtype_on_disk, **store)
+
+
+def _cache_path(encoder_dir: str, texts: list[str], dtype: torch.dtype | None = None):
+    if not os.path.isdir(encoder_dir):
+        return None
+    digest = hashlib.sha256(encoder_key(encoder_dir, dtype).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
     return cache_dir() / "embeddings" / f"{digest.hexdigest()[:32]}.npy"

@@ -10,7 +10,7 @@ import tlm_plugin
 from tlm_plugin.train import outputs
 
 
-def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> dict[str, Any]:
+def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None, pool_store=None) -> dict[str, Any]:
     def mean(values):
         values = [v for v in values if v is not None and v == v]
         return float(np.mean(values)) if values else None
@@ -38,6 +38,7 @@ def summary(rows, stats, tlm_args, training_args, timings, log_p0_used=None) -> 
         "nonfinite_rows": stats["nonfinite_rows"],
         "score_shared_prefix_tokens": stats.get("score_shared_prefix_tokens", 0),
         **({"per_prompt": stats["per_prompt"]} if "per_prompt" in stats else {}),
+        **({"pool_store": pool_store} if pool_store else {}),
         "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         "world_size": training_args.world_size,
         "versions": {"llamafactory_tlm": tlm_plugin.__version__, "llamafactory": llamafactory.__version__},

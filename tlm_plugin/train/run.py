@@ -45,6 +45,7 @@ class Run:
     encoder: Any = None  # data.Encoder: new conversations encoded as LLaMA-Factory encodes rows
     gate_options: list | None = None  # tlm_gate_options: each row's answer options
     task_adapters: Any = None  # per_prompt.TaskAdapters: adapters of tasks (shared demonstrations) trained so far
+    pool_store: dict[str, Any] | None = None  # a pool store's description (folder, rows, index), for the summary
     timings: dict[str, float] = field(default_factory=dict)
 
     def answer_row(self, p: int, messages: list[dict] | None = None) -> dict[str, Any] | None:

@@ -74,7 +74,14 @@ def run_tlm(
     pool = None
     if tlm_args.pool_based and tlm_args.tlm_pool_dataset is not None:
         pool = load_pool(
-            tlm_args.tlm_pool_dataset, template, model_args, data_args, training_args, tokenizer_module, loss_tokens
+            tlm_args.tlm_pool_dataset,
+            template,
+            model_args,
+            data_args,
+            training_args,
+            tokenizer_module,
+            loss_tokens,
+            lazy=tlm_args.uses_pool_store,
         )
     encoder = Encoder(template, tokenizer, data_args)
     answers = None
@@ -132,7 +139,13 @@ def run_tlm(
     out = training_args.output_dir
     if run.is_main:
         result = report.summary(
-            rows, stats, tlm_args, training_args, run.timings, getattr(trainer.selector, "log_p0_used", None)
+            rows,
+            stats,
+            tlm_args,
+            training_args,
+            run.timings,
+            getattr(trainer.selector, "log_p0_used", None),
+            pool_store=run.pool_store,
         )
         outputs.write_records(out, rows, result)
         if training_args.do_train and finetuning_args.plot_loss:
