@@ -147,7 +147,8 @@ def test_pool_dataset_and_sentence_encoder(tiny_model, tiny_data, tmp_path):
     (line,) = read_jsonl(out / "tlm_sift_selection.jsonl")
     assert len(line["picks"]) == 4 and max(line["picks"]) < len(pool_rows)
     cache = torch.load(out / "tlm_embeddings.pt")
-    assert cache["pool"].shape == (len(pool_rows), 384)
+    assert cache["prompts"].shape == (len(QUESTIONS), 384)
+    assert cache["pool"]["rows"] == len(pool_rows) and cache["pool"]["dim"] == 384  # the pool store's description
     assert len(load_file(str(out / "adapter_model.safetensors"))) > 0
 
 

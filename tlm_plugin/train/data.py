@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+import pyarrow.dataset as pads
 from datasets import Dataset
 from llamafactory.data import get_dataset
 from llamafactory.extras import logging
@@ -175,8 +176,6 @@ def pool_dataset_names(names: str, data_args) -> tuple[list[str], str]:
 
 def _file_columns(path: str) -> dict[str, Any]:
     """dataset_info.json's description of a pool file, from the column names of its first row."""
-    import pyarrow.dataset as pads  # noqa: PLC0415  (datasets' own dependency; only pool files need it)
-
     kind = {".jsonl": "json", ".json": "json"}.get(os.path.splitext(path)[1].lower(), None)
     if kind == "json":
         with open(path, encoding="utf-8") as f:
