@@ -927,6 +927,103 @@ def case_per_prompt_sift(ctx) -> str:
     return f"{s['n_prompts']} prompts, 4 steps each, log-ppl {s['mean_log_ppl_before']:.2f} -> {s['mean_log_ppl_after']:.2f}"
 
 
+def build_tiny_encoder(ctx) -> Path:
+    """A sentence encoder for the pool store case: a 2-layer random Llama on the demo tokenizer behind
+    sentence-transformers' mean pooling and normalisation (no weights to ship)."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    folder = ctx.work / "models" / "encoder"
+    if (folder / "modules.json").is_file():
+        return folder
+    tok = AutoTokenizer.from_pretrained(str(ctx.tokenizer))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+    )
+    raw = ctx.work / "models" / "encoder-hf"
+    LlamaModel(config).save_pretrained(str(raw))
+    tok.save_pretrained(str(raw))
+    word = models.Transformer(str(raw), max_seq_length=128)
+    SentenceTransformer(modules=[word, models.Pooling(64, "mean"), models.Normalize()], device="cpu").save(str(folder))
+    return folder
+
+
+def case_per_prompt_pool_store(ctx) -> str:
+    """A pool file embedded by a sentence encoder on the GPU in bf16 into a pool store (float16 shards, a faiss
+    index), then per-prompt SIFT over it; the stored vectors are the encoder's own on the same device."""
+    import importlib.util
+
+    for name in ("sentence_transformers", "faiss"):
+        if importlib.util.find_spec(name) is None:
+            raise CheckSkipped(
+                f"{name} is not installed on this node (pip install sentence-transformers faiss-cpu; they are too "
+                "large for the bundle)"
+            )
+    import numpy as np
+    import torch
+
+    encoder = build_tiny_encoder(ctx)
+    demo = json.loads((ctx.data / "tlm_demo.json").read_text(encoding="utf-8"))
+    pool_rows = [
+        {"instruction": f"{row['instruction']} (variant {v})", "output": row.get("output", "")}
+        for v in range(20)
+        for row in demo
+    ]
+    pool = ctx.work / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in pool_rows), encoding="utf-8")
+    store = ctx.work / "pool-store"
+    recipe = base_recipe(
+        ctx,
+        ctx.sets,
+        "mixed",
+        ctx.work / "pool_store",
+        tlm_selector="sift",
+        tlm_mode="per_prompt",
+        tlm_sift_budget=4,
+        tlm_sift_candidates=64,
+        tlm_log_p0=None,
+        max_samples=8,
+        tlm_pool_dataset=str(pool),
+        tlm_sift_embedder=str(encoder),
+        tlm_pool_store=str(store),
+        tlm_pool_shard_rows=512,
+    )
+    out = run_ok(recipe, ctx.work, "per_prompt_pool_store")
+    s = read_json(out / "tlm_summary.json")
+    manifest = read_json(store / "manifest.json")
+    n = len(pool_rows)
+    expect(
+        manifest["rows"] == n and len(manifest["shards"]) == -(-n // 512), f"store manifest {manifest['rows']} rows"
+    )
+    expect(manifest["dtype"] == "float16" and manifest["index"]["kind"] == "flat", "float16 shards, flat index")
+    lines = read_jsonl(out / "tlm_sift_selection.jsonl")
+    expect(all(x["steps"] + x.get("overflow_steps", 0) == 4 for x in lines), "4 steps per prompt")
+    expect(all(0 <= p < n for x in lines for p in x["picks"]), "picks inside the pool")
+    expect(s["pool_store"]["rows"] == n, "the summary names the store")
+    from sentence_transformers import SentenceTransformer
+
+    device = "cpu" if CPU["on"] else "cuda"
+    model = SentenceTransformer(str(encoder), device=device, local_files_only=True)
+    if device == "cuda":
+        model = model.to(torch.bfloat16)
+    texts = [f"{r['instruction']}\n{r['output']}" if r["output"] else r["instruction"] for r in pool_rows[:64]]
+    want = np.asarray(model.encode(texts, normalize_embeddings=True, convert_to_numpy=True), dtype=np.float32)
+    got = np.load(store / manifest["shards"][0]["file"])[:64].astype(np.float32)
+    cosine = float(((want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)).min())
+    expect(cosine > 0.999, f"stored vectors vs the encoder's own: min cosine {cosine:.5f}")
+    return f"{n} pool rows in {len(manifest['shards'])} shards, {manifest['index']['kind']} index, min cosine {cosine:.5f}, {len(lines)} prompts x 4 steps"
+
+
 def case_per_prompt_ttsi(ctx) -> str:
     recipe = base_recipe(
         ctx,
@@ -1397,6 +1494,7 @@ CASES = [
     case_deepspeed_zero3,
     case_fsdp2,
     case_per_prompt_sift,
+    case_per_prompt_pool_store,
     case_per_prompt_ttsi,
     case_per_prompt_ttd_endpoint,
     case_per_prompt_fewshot,
