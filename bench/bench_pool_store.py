@@ -135,12 +135,17 @@ def one_size(args) -> dict:
     rows = args.size
     pool = arrow_pool(rows, work)
     model = embeddings.load_encoder(str(static_encoder(work)))
+    embeddings.encode(model, [text(i) for i in range(4096)], batch_size=1024)  # one-time buffers before the base
     peak = Peak()
     seconds = {"embed": 0.0}
+
+    between = []  # anonymous memory as each shard starts (after the one before it was written and freed)
 
     def embed(texts):
         if peak.phase != "embedding":
             peak.mark("embedding")
+        info = peak.process.memory_info()
+        between.append(info.rss - info.shared - peak.base_anon)
         began = time.perf_counter()
         out = embeddings.encode(model, texts, batch_size=1024)
         seconds["embed"] += time.perf_counter() - began
@@ -149,7 +154,7 @@ def one_size(args) -> dict:
     def texts_of(start, stop):
         return pool[start:stop]["text"]
 
-    root = work / f"store-{rows}"
+    root = work / f"store-{rows}-{args.shard_rows}"
     began = time.perf_counter()
     write_index = store_module._write_index
 
@@ -182,6 +187,7 @@ def one_size(args) -> dict:
         "store_total_s": round(total_s, 1),
         "rss_base_mb": round(peak.base / 2**20),
         "peak_above_base": {phase: peak.above_base(phase) for phase in ("reading texts", "embedding", "index")},
+        "anonymous_mb_as_shards_start": [round(b / 2**20) for b in between],
         "index": manifest["index"],
     }
     for name, values in timings.items():
@@ -205,7 +211,22 @@ def one_size(args) -> dict:
         began = time.perf_counter()
         for q in queries[:50]:
             exact.candidates(q[None], args.candidates)
-        result["flat_candidates_ms_median_same_store"] = round(1000 * (time.perf_counter() - began) / 50, 2)
+        result["flat_candidates_ms_mean_same_store"] = round(1000 * (time.perf_counter() - began) / 50, 2)
+        wanted = [set(exact.candidates(q[None], args.candidates).tolist()) for q in queries[:50]]
+        sweep = {}
+        for nprobe in (16, 32, 64, 128, 256):  # tlm_pool_nprobe: recall of the exact candidates against time
+            store.index.nprobe = nprobe
+            ms, hits = [], []
+            for q, want in zip(queries[:50], wanted):
+                began = time.perf_counter()
+                sift.select(torch.from_numpy(q).unsqueeze(0), store)
+                ms.append(1000 * (time.perf_counter() - began))
+                hits.append(len(set(store.candidates(q[None], args.candidates).tolist()) & want) / len(want))
+            sweep[nprobe] = {
+                "recall": round(float(np.mean(hits)), 4),
+                "sift_ms_median": round(statistics.median(ms), 2),
+            }
+        result["nprobe_sweep"] = sweep
     peak.stop = True
     result["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(result), flush=True)
@@ -224,21 +245,21 @@ def minilm_rate(args) -> dict:
 
     texts = [text(i) for i in range(args.slice)]
     direct = SentenceTransformer(str(minilm()), device="cpu", local_files_only=True)
+    model = embeddings.load_encoder(str(minilm()))  # loaded once, as a run loads it once for the whole pool
     ours, theirs = [], []
     for repeat in range(args.repeats):  # alternately, in one process
         began = time.perf_counter()
         direct.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
         theirs.append(time.perf_counter() - began)
         began = time.perf_counter()
-        model = embeddings.load_encoder(str(minilm()))
         root = Path(tempfile.mkdtemp(prefix="bench-minilm-store-"))
         build_store(
             lambda a, b: texts[a:b],
             len(texts),
-            lambda t, model=model: embeddings.encode(model, t, 32),
+            lambda t: embeddings.encode(model, t, 32),
             f"minilm-{repeat}",
             root=root,
-            shard_rows=args.slice // 4,
+            shard_rows=args.shard_rows,
         )
         ours.append(time.perf_counter() - began)
     store_rate, direct_rate = len(texts) / statistics.median(ours), len(texts) / statistics.median(theirs)
@@ -274,7 +295,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work = args.work or tempfile.mkdtemp(prefix="bench-pool-store-")
     results = {"sizes": []}
-    for size in [int(s) for s in args.rows.split(",")]:
+    for size in [int(s) for s in args.rows.split(",") if s]:
         cmd = [sys.executable, __file__, "--size", str(size), "--work", args.work]
         cmd += ["--shard-rows", str(args.shard_rows), "--threads", str(args.threads), "--queries", str(args.queries)]
         cmd += ["--budget", str(args.budget), "--candidates", str(args.candidates)]
@@ -285,8 +306,9 @@ def main() -> int:
         line = json.loads(done.stdout.strip().splitlines()[-1])
         results["sizes"].append(line)
         print(json.dumps(line), flush=True)
-    results["minilm"] = minilm_rate(args)
-    print(json.dumps(results["minilm"]), flush=True)
+    if args.slice > 0:
+        results["minilm"] = minilm_rate(args)
+        print(json.dumps(results["minilm"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

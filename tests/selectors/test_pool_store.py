@@ -119,7 +119,9 @@ def test_auto_index_is_flat_up_to_the_limit_and_ivf_above(monkeypatch):
     assert info["kind"] == "ivf" and info["requested"] == "auto"
     # sqrt(1000) ~ 32 lists, capped at 1000 // 40 = 25 so that each list has 40 training points
     assert info["lists"] == ivf_lists(1000) == 25 and store.index.nlist == 25
-    assert store.index.nprobe == info["nprobe"] == 25  # min(nprobe 32, lists)
+    assert store.index.nprobe == info["nprobe"] == 25  # min(nprobe 128, lists)
+    again = build(nprobe=4)  # the same store searched with another tlm_pool_nprobe: nothing rebuilt
+    assert again.index.nprobe == 4 and again.describe()["index"]["nprobe"] == 4
     assert info["trained_on"] == 1000 and store.index.ntotal == 1000 and info["build_s"] >= 0
     assert ivf_lists(1_000_000) == 1024 and ivf_lists(10) == 1
 

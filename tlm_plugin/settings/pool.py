@@ -64,7 +64,11 @@ class PoolArguments(SettingsGroup):
         "auto",
         "faiss index of the pool store, built once and saved beside the shards. flat: exact inner product. ivf: inverted lists (about sqrt(rows) of them), searched in tlm_pool_nprobe lists. auto: flat up to 262144 rows, ivf above.",
     )
-    tlm_pool_nprobe: int = setting(32, "IVF lists searched per query (tlm_pool_index ivf).", low=1)
+    tlm_pool_nprobe: int = setting(
+        128,
+        "IVF lists searched per query (tlm_pool_index ivf): more finds more of the exact candidates, slower (docs/sift.md).",
+        low=1,
+    )
 
     def check_group(self) -> None:
         pool = (self.tlm_pool_dataset or "").strip()

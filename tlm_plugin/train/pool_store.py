@@ -66,9 +66,12 @@ def _faiss():
 class PoolStore:
     """A built store: ``len``, ``dim``, :meth:`vectors` (rows from the shards) and :meth:`candidates` (the index)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, nprobe: int | None = None) -> None:
         self.root = Path(root)
         self.manifest = json.loads((self.root / MANIFEST).read_text())
+        info = self.manifest["index"]
+        # IVF lists searched per query: this run's tlm_pool_nprobe (a search setting, not part of the store's key)
+        self.nprobe = None if info["kind"] != "ivf" else int(min(nprobe or info["nprobe"], info["lists"]))
         self.rows, self.dim = int(self.manifest["rows"]), int(self.manifest["dim"])
         self.shard_rows = int(self.manifest["shard_rows"])
         self._shards = [None] * len(self.manifest["shards"])
@@ -100,8 +103,8 @@ class PoolStore:
     def index(self):
         if self._index is None:
             self._index = _faiss().read_index(str(self.root / INDEX_FILE))
-            if hasattr(self._index, "nprobe"):
-                self._index.nprobe = int(self.manifest["index"]["nprobe"])
+            if self.nprobe is not None:
+                self._index.nprobe = self.nprobe
         return self._index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +134,8 @@ class PoolStore:
     def describe(self) -> dict[str, Any]:
         """The manifest's summary for the run's records: where, how many rows, which index."""
         m = self.manifest
-        return {"store": str(self.root), "rows": self.rows, "dim": self.dim, "dtype": m["dtype"], "index": m["index"]}
+        index = {**m["index"], "nprobe": self.nprobe}
+        return {"store": str(self.root), "rows": self.rows, "dim": self.dim, "dtype": m["dtype"], "index": index}
 
 
 def build_store(
@@ -144,7 +148,7 @@ def build_store(
     shard_rows: int = 65_536,
     dtype: str = "float16",
     index: str = "auto",
-    nprobe: int = 32,
+    nprobe: int = 128,
 ) -> PoolStore:
     """Embed a pool of ``rows`` texts into a store (or reuse the one already built) and return it.
 
@@ -173,7 +177,7 @@ def build_store(
             )
         built = (root / INDEX_FILE).is_file()
     if all(all_gather_objects(built)):  # every rank sees the built store (the decision is collective)
-        return PoolStore(root)
+        return PoolStore(root, nprobe)
     root.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world()
     start_time = time.perf_counter()
@@ -189,7 +193,7 @@ def build_store(
     wait_for_all()
     if not (root / INDEX_FILE).is_file() or not (root / MANIFEST).is_file():  # not shared with rank 0
         _write_index(root, key, shards, digests, dtype, index, nprobe, embed_s)
-    return PoolStore(root)
+    return PoolStore(root, nprobe)
 
 
 def _digest(texts: list[str]) -> str:
