@@ -222,3 +222,33 @@ def test_pool_store_settings_without_a_store_are_refused():
     with pytest.raises(TLMConfigError, match="tlm_pool_shard_rows has no effect.*pool store"):
         args.check_given({"tlm_pool_shard_rows"})
     assert np.isin(["tlm_pool_store", "tlm_pool_index"], list(args.inert_settings())).all()
+
+
+@pytest.mark.slow
+@needs_encoder
+def test_under_torchrun_each_rank_embeds_its_shards_and_the_picks_equal_one_process(tiny_model, tiny_data, tmp_path):
+    from tlm_testing import run_cli
+
+    rows = pool_rows(240)
+    pool_file = write_jsonl(tmp_path / "pool.jsonl", rows)
+    settings = dict(
+        tlm_selector="sift",
+        tlm_mode="per_prompt",
+        tlm_sift_budget=2,
+        tlm_sift_candidates=30,
+        tlm_pool_dataset=str(pool_file),
+        tlm_sift_embedder=str(encoder_dir()),
+        tlm_pool_store=str(tmp_path / "store"),
+        tlm_pool_shard_rows=50,
+        tlm_pool_dtype="float32",
+    )
+    out = tmp_path / "out"
+    env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "LLAMAFACTORY_VERBOSITY": "INFO"}
+    proc = run_cli(base_recipe(tiny_model, tiny_data, out, **settings), tmp_path, extra_env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shares = [line for line in proc.stderr.splitlines() if "Pool store: shard" in line]
+    assert len(shares) == 5 and sum("of this rank's)" in line and "/3 of" in line for line in shares) == 3
+    records = read_jsonl(out / "tlm_sift_selection.jsonl")
+    assert [r["index"] for r in records] == list(range(len(QUESTIONS)))
+    for record, (question, _) in zip(records, QUESTIONS):
+        assert record["picks"] == expected_picks([question], rows, 2, 30)
