@@ -46,6 +46,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def per_prompt_store(pool_file: Path, store: Path, budget: int, candidates: int, shard_rows: int) -> dict:
+    """Per-prompt SIFT over ``pool_file`` through a float32 pool store in ``store``."""
+    return dict(
+        tlm_selector="sift",
+        tlm_mode="per_prompt",
+        tlm_sift_budget=budget,
+        tlm_sift_candidates=candidates,
+        tlm_pool_dataset=str(pool_file),
+        tlm_sift_embedder=str(encoder_dir()),
+        tlm_pool_store=str(store),
+        tlm_pool_shard_rows=shard_rows,
+        tlm_pool_dtype="float32",
+    )
+
+
 def run_in_process(recipe: dict) -> None:
     from llamafactory.train.tuner import run_exp
 
@@ -71,17 +86,7 @@ def test_per_prompt_sift_from_a_pool_file_picks_what_exact_sift_picks_and_reuses
     rows = pool_rows()
     pool_file = write_jsonl(tmp_path / "pool.jsonl", rows)
     store = tmp_path / "store"
-    settings = dict(
-        tlm_selector="sift",
-        tlm_mode="per_prompt",
-        tlm_sift_budget=3,
-        tlm_sift_candidates=40,
-        tlm_pool_dataset=str(pool_file),
-        tlm_sift_embedder=str(encoder_dir()),
-        tlm_pool_store=str(store),
-        tlm_pool_shard_rows=64,
-        tlm_pool_dtype="float32",
-    )
+    settings = per_prompt_store(pool_file, store, budget=3, candidates=40, shard_rows=64)
     out = tmp_path / "out"
     run_in_process(base_recipe(tiny_model, tiny_data, out, **settings))
     records = read_jsonl(out / "tlm_sift_selection.jsonl")
@@ -231,17 +236,7 @@ def test_under_torchrun_each_rank_embeds_its_shards_and_the_picks_equal_one_proc
 
     rows = pool_rows(240)
     pool_file = write_jsonl(tmp_path / "pool.jsonl", rows)
-    settings = dict(
-        tlm_selector="sift",
-        tlm_mode="per_prompt",
-        tlm_sift_budget=2,
-        tlm_sift_candidates=30,
-        tlm_pool_dataset=str(pool_file),
-        tlm_sift_embedder=str(encoder_dir()),
-        tlm_pool_store=str(tmp_path / "store"),
-        tlm_pool_shard_rows=50,
-        tlm_pool_dtype="float32",
-    )
+    settings = per_prompt_store(pool_file, tmp_path / "store", budget=2, candidates=30, shard_rows=50)
     out = tmp_path / "out"
     env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "LLAMAFACTORY_VERBOSITY": "INFO"}
     proc = run_cli(base_recipe(tiny_model, tiny_data, out, **settings), tmp_path, extra_env=env)

@@ -123,7 +123,14 @@ def _store_embeddings(run) -> tuple[np.ndarray, PoolStore]:
     a, args = run.tlm_args, run.training_args
     device = str(args.device)
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)  # used on GPUs only
-    texts = [message_text(prompt) for prompt in run.aligned["_prompt"]]
+    if run.aligned is not None and len(run.aligned) == len(run.prompts):
+        texts = [message_text(prompt) for prompt in run.aligned["_prompt"]]
+    else:  # LLaMA-Factory dropped invalid rows: the processed prompts, decoded, stand for their messages
+        logger.warning_rank0(
+            "The test prompts are embedded from their templated text (some dataset rows were dropped)."
+        )
+        tok = run.trainer.processing_class
+        texts = tok.batch_decode([list(x) for x in run.prompts["input_ids"]], skip_special_tokens=True)
     prompt_emb = encoder_embeddings(a.tlm_sift_embedder, texts, device=device, dtype=dtype)
     store = pool_store(
         a.tlm_sift_embedder,
