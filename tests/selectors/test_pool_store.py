@@ -120,6 +120,12 @@ def test_auto_index_is_flat_up_to_the_limit_and_ivf_above(monkeypatch):
     # sqrt(1000) ~ 32 lists, capped at 1000 // 40 = 25 so that each list has 40 training points
     assert info["lists"] == ivf_lists(1000) == 25 and store.index.nlist == 25
     assert store.index.nprobe == info["nprobe"] == 25  # min(nprobe 128, lists)
+    import faiss
+
+    whole = faiss.read_index(str(store.root / "index.faiss"))  # read whole, not memory-mapped as the store reads it
+    whole.nprobe = store.index.nprobe
+    queries = np.stack([vector("q1"), vector("q2")])
+    assert all(np.array_equal(a, b) for a, b in zip(whole.search(queries, 30), store.search(queries, 30)))
     again = build(nprobe=4)  # the same store searched with another tlm_pool_nprobe: nothing rebuilt
     assert again.index.nprobe == 4 and again.describe()["index"]["nprobe"] == 4
     assert info["trained_on"] == 1000 and store.index.ntotal == 1000 and info["build_s"] >= 0

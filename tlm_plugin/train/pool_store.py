@@ -102,7 +102,9 @@ class PoolStore:
     @property
     def index(self):
         if self._index is None:
-            self._index = _faiss().read_index(str(self.root / INDEX_FILE))
+            faiss = _faiss()
+            # memory-mapped: the index's pages are the page cache's, shared by the ranks of a node, not each rank's
+            self._index = faiss.read_index(str(self.root / INDEX_FILE), getattr(faiss, "IO_FLAG_MMAP", 0))
             if self.nprobe is not None:
                 self._index.nprobe = self.nprobe
         return self._index
