@@ -932,7 +932,7 @@ def build_tiny_encoder(ctx) -> Path:
     sentence-transformers' mean pooling and normalisation (no weights to ship)."""
     import torch
     from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+    from transformers import AutoTokenizer, LlamaModel
 
     folder = ctx.work / "models" / "encoder"
     if (folder / "modules.json").is_file():
@@ -940,18 +940,8 @@ def build_tiny_encoder(ctx) -> Path:
     tok = AutoTokenizer.from_pretrained(str(ctx.tokenizer))
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-    )
     raw = ctx.work / "models" / "encoder-hf"
-    LlamaModel(config).save_pretrained(str(raw))
+    LlamaModel(llama_config(tok, 64, 128, 2, 4, 2, tied=False)).save_pretrained(str(raw))
     tok.save_pretrained(str(raw))
     word = models.Transformer(str(raw), max_seq_length=128)
     SentenceTransformer(modules=[word, models.Pooling(64, "mean"), models.Normalize()], device="cpu").save(str(folder))
