@@ -159,6 +159,56 @@ def _ray_cell(cell: Cell) -> dict:
     return launch.run_cell(cell, launch.launch_llamafactory, launch.subprocess_env(), launch.launch_vllm_predict)
 
 
+AUTH_HINT = (
+    "set RAY_AUTH_MODE=token here and make the cluster's token available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+    "~/.ray/auth_token, as on its nodes)"
+)
+
+
+def _is_this_machines_cluster(address: str) -> bool:
+    """Whether ``address`` is the cluster the last ``ray start`` on this machine started (Ray records it)."""
+    try:
+        from ray._private.utils import read_ray_address  # noqa: PLC0415  (Ray's own record of it)
+    except ImportError:
+        return False
+    return address == "auto" or (read_ray_address() or "") == address
+
+
+def _connect(ray, address: str) -> None:
+    """``ray.init`` on the cluster at ``address``, with the token authentication ``ray start`` chose on this machine.
+
+    ``ray start --head`` turns token authentication on by itself wherever a token exists (``~/.ray/auth_token``, which
+    any local ``ray.init()`` creates, or ``RAY_AUTH_TOKEN``), while a driver given an explicit address never does:
+    the address ``ray start`` printed would then be refused. For the cluster started on this machine the driver does
+    what ``ray start`` did; for any other, ``RAY_AUTH_MODE`` decides, as in Ray, and a refusal says what to set.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is None and _is_this_machines_cluster(address):
+        try:
+            from ray._private.authentication.authentication_token_setup import (  # noqa: PLC0415
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:  # a Ray without token authentication
+            pass
+        else:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    except ConnectionError as err:
+        chain, cause = [], err
+        while cause is not None:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        if any("InvalidAuthToken" in c or c.startswith("AuthenticationError") for c in chain):
+            raise RunnerError(
+                f"--ray {address}: the Ray cluster there asks for token authentication and this process sent no "
+                f"valid token: {AUTH_HINT}."
+            ) from None
+        raise RunnerError(
+            f"--ray {address}: no Ray cluster answered there ({err}). Start one with `ray start --head` and pass "
+            "the address it prints (`ray start --address='HOST:PORT'`), or `auto` for the one on this machine."
+        ) from None
+
+
 def run_on_ray(
     cells: list[Cell],
     todo: list[int],
@@ -175,13 +225,7 @@ def run_on_ray(
         raise RunnerError("--ray needs the ray package: pip install 'ray[default]'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        try:
-            ray.init(address=address, log_to_driver=False, include_dashboard=False)
-        except ConnectionError as err:
-            raise RunnerError(
-                f"--ray {address}: no Ray cluster answered there ({err}). Start one with `ray start --head` and pass "
-                "the address it prints (`ray start --address='HOST:PORT'`), or `auto` for the one on this machine."
-            ) from None
+        _connect(ray, address)
     try:
         if gpus_per_cell is None:
             gpus_per_cell = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

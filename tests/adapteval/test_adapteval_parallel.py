@@ -6,7 +6,9 @@ two workers, and on a local Ray cluster of two CPU workers started and stopped b
 
 import importlib.util
 import json
+import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -110,9 +112,24 @@ def test_a_failed_cell_is_recorded_the_others_finish_and_a_rerun_runs_only_it(tm
     assert not (failed_dirs[0] / "failed.json").exists() and (failed_dirs[0] / "cell.json").is_file()
 
 
+def _run_args(out: Path) -> list[str]:
+    return [
+        "run",
+        "--template",
+        "chatml",
+        "--bench",
+        DATASET,
+        "--methods",
+        "base,tlm",
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+    ]
+
+
 def _real_run(out: Path, data_dir: Path, recipe: Path, *extra: str) -> list[dict]:
-    args = ["run", "--template", "chatml", "--bench", DATASET, "--methods", "base,tlm", "--limit", "4"]
-    args += ["--out", str(out), "--data", str(data_dir), "--recipe", str(recipe), *extra]
+    args = [*_run_args(out), "--data", str(data_dir), "--recipe", str(recipe), *extra]
     code = cli.main(args)
     assert code == 0, [p.read_text()[-2000:] for p in out.glob("cells/*/*/run.log")]
     return [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/*/cell.json"))]
@@ -140,14 +157,37 @@ def test_real_cells_with_two_workers_and_on_a_local_ray_cluster_equal_the_sequen
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # Ray picks the node's address itself (as on a cluster) and prints it; the driver connects to what it printed.
+    # `ray start` turns token authentication on wherever a token exists (~/.ray/auth_token, which any local
+    # ray.init() writes, or RAY_AUTH_TOKEN), so the test gives it one of its own: the cluster always asks for it.
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_AUTH_TOKEN": token}
     start = [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0"]
     start += ["--include-dashboard=false", "--disable-usage-stats"]
-    started = subprocess.run(start, capture_output=True, text=True, timeout=180)
+    started = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
+    mode_before = os.environ.get("RAY_AUTH_MODE")
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         printed = re.search(r"--address='([^']+)'", started.stdout + started.stderr)
         address = printed.group(1) if printed else f"127.0.0.1:{port}"
+
+        # A driver that sends no token is refused, and the error says what to set.
+        refused = subprocess.run(
+            [shutil.which("adapteval", path=str(Path(sys.executable).parent)), *_run_args(tmp_path / "refused")]
+            + ["--data", str(data_dir), "--recipe", str(recipe), "--ray", address],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env | {"RAY_AUTH_MODE": "disabled", "RAY_NUM_REDIS_GET_RETRIES": "3"},
+        )
+        assert refused.returncode != 0 and "asks for token authentication" in refused.stderr, refused.stderr[-3000:]
+        assert "RAY_AUTH_MODE=token" in refused.stderr and not list((tmp_path / "refused").glob("cells/*/*/cell.json"))
+
+        # The address `ray start` printed, with nothing else set: the run uses the token as `ray start` did.
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
         on_ray = _real_run(tmp_path / "ray", data_dir, recipe, "--ray", address)
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        if mode_before is None:  # the run set it for this process, as Ray's own drivers do
+            os.environ.pop("RAY_AUTH_MODE", None)
     assert _same(on_ray) == _same(sequential)
