@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,69 @@ def test_a_failed_cell_is_recorded_the_others_finish_and_a_rerun_runs_only_it(tm
     records = fake_run(tmp_path, data_dir, again, methods=METHODS, workers=2)
     assert len(again.recipes) == 1 and all(r is not None for r in records)  # only the failed cell ran again
     assert not (failed_dirs[0] / "failed.json").exists() and (failed_dirs[0] / "cell.json").is_file()
+
+
+@dataclass(frozen=True)
+class FakeCell:  # what run_on_ray reads of a cell (hashable: a task's object reference is its cell here)
+    name: str
+    dir: Path
+
+
+class FakeRay:
+    """Ray's driver calls that ``run_on_ray`` makes, on a cluster of ``gpus`` GPUs: every task's options recorded."""
+
+    class TaskError(Exception):  # as ray.exceptions.RayTaskError: the task's own exception in ``cause``
+        def __init__(self, cause):
+            super().__init__(str(cause))
+            self.cause = cause
+
+    def __init__(self, gpus: int):
+        self.resources = {"CPU": 16.0} | ({"GPU": float(gpus)} if gpus else {})
+        self.options_seen: list[dict] = []
+
+    def is_initialized(self):
+        return True  # a driver already connected: run_on_ray neither connects nor shuts down
+
+    def cluster_resources(self):
+        return self.resources
+
+    def remote(self, fn):
+        assert fn is parallel._ray_cell
+        fake = self
+
+        class Remote:
+            def options(self, **kwargs):
+                fake.options_seen.append(kwargs)
+                return self
+
+            def remote(self, cell):
+                return cell  # the object reference: its cell
+
+        return Remote()
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        if ref.name == "bad":
+            raise self.TaskError(RuntimeError("llamafactory-cli exited with 1"))
+        return {"cell": ref.name}
+
+
+def test_ray_tasks_ask_for_the_cells_gpus_and_a_failed_task_is_recorded(tmp_path, monkeypatch):
+    cells = [FakeCell(n, tmp_path / n) for n in ("a", "bad", "c")]
+    for gpus, asked, expected in ((4, None, 1), (0, None, 0), (8, 2, 2)):
+        fake = FakeRay(gpus)
+        monkeypatch.setitem(sys.modules, "ray", fake)
+        finished = []
+        records: list = [None, None, None]
+        with pytest.raises(CellsFailedError, match=r"1 of 3 cells failed .*bad: llamafactory-cli exited with 1"):
+            parallel.run_on_ray(cells, [0, 1, 2], records, "auto", asked, lambda p, r, seen=finished: seen.append(p))
+        assert fake.options_seen == [{"num_gpus": expected, "num_cpus": 1.0, "max_retries": 0}]
+        assert finished == [0, 2] and records == [{"cell": "a"}, None, {"cell": "c"}]
+        failed = json.loads((tmp_path / "bad" / parallel.FAILED_FILE).read_text())
+        assert failed["error"] == "RuntimeError: llamafactory-cli exited with 1"
+        assert not (tmp_path / "a" / parallel.FAILED_FILE).exists()
 
 
 def _run_args(out: Path) -> list[str]:
