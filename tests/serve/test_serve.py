@@ -25,10 +25,13 @@ ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LLAMAFACTORY_VERBOSITY": 
 LEARNING_FIELDS = ("index", "learned", "reason", "n_tokens", "log_ppl", "selected", "weight", "log_ppl_after")
 
 
-def serve_recipe(model: Path, tmp_path: Path, name: str = "serve", **overrides) -> Path:
-    data = write_dataset(
-        tmp_path / "data", [{"instruction": q, "input": "", "output": a} for q, a in QUESTIONS[:4]], name="probe"
-    )
+def serve_recipe(model: Path, tmp_path: Path, name: str = "serve", probe_rows: int = 4, **overrides) -> Path:
+    """A serve recipe on the tiny model; ``probe_rows`` drift-guard rows (more: each window takes longer to learn)."""
+    rows = [
+        {"instruction": q if k < 4 else f"{q} ({k})", "input": "", "output": a}
+        for k, (q, a) in ((k, QUESTIONS[k % len(QUESTIONS)]) for k in range(probe_rows))
+    ]
+    data = write_dataset(tmp_path / "data", rows, name="probe")
     settings = {
         "tlm_mode": "serve",
         "tlm_chunk_size": 3,
@@ -242,15 +245,18 @@ def test_kill_9_mid_window_then_restart_learns_every_prompt_once_as_an_uninterru
         for i in items:
             ask(server, i)
 
+    # The drift guard's probe pass closes every window: with 400 probe rows it takes seconds, so the kill below lands
+    # while window 2 is being learned (with 4 rows a quiet machine learned the whole window before the kill).
+    probe_rows = 400
     straight = tmp_path / "straight"
-    server = start(serve_recipe(tiny_model, straight), straight)
+    server = start(serve_recipe(tiny_model, straight, probe_rows=probe_rows), straight)
     replay(server, prompts)
     wait_for(lambda: status(server)["windows"] == 3, what="3 windows")
     server.stop()
     expected = learning_records(straight / "out")
 
     killed = tmp_path / "killed"
-    recipe = serve_recipe(tiny_model, killed)
+    recipe = serve_recipe(tiny_model, killed, probe_rows=probe_rows)
     out = killed / "out"
     server = start(recipe, killed)
     replay(server, prompts[:6])  # window 1 learned (or being learned), window 2 complete: the learner starts it
