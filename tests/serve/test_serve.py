@@ -27,10 +27,10 @@ LEARNING_FIELDS = ("index", "learned", "reason", "n_tokens", "log_ppl", "selecte
 
 def serve_recipe(model: Path, tmp_path: Path, name: str = "serve", probe_rows: int = 4, **overrides) -> Path:
     """A serve recipe on the tiny model; ``probe_rows`` drift-guard rows (more: each window takes longer to learn)."""
-    rows = [
-        {"instruction": q if k < 4 else f"{q} ({k})", "input": "", "output": a}
-        for k, (q, a) in ((k, QUESTIONS[k % len(QUESTIONS)]) for k in range(probe_rows))
-    ]
+    rows = []
+    for k in range(probe_rows):
+        q, a = QUESTIONS[k % len(QUESTIONS)]
+        rows.append({"instruction": q if k < 4 else f"{q} ({k})", "input": "", "output": a})
     data = write_dataset(tmp_path / "data", rows, name="probe")
     settings = {
         "tlm_mode": "serve",
@@ -246,7 +246,7 @@ def test_kill_9_mid_window_then_restart_learns_every_prompt_once_as_an_uninterru
             ask(server, i)
 
     # The drift guard's probe pass closes every window: with 400 probe rows it takes seconds, so the kill below lands
-    # while window 2 is being learned (with 4 rows a quiet machine learned the whole window before the kill).
+    # while window 2 is being learned (with 4 rows the tiny model could learn it between two polls, unseen).
     probe_rows = 400
     straight = tmp_path / "straight"
     server = start(serve_recipe(tiny_model, straight, probe_rows=probe_rows), straight)
